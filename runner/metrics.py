@@ -1,0 +1,30 @@
+"""Distribution metrics for answer diversity: what the dice post plots."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Mapping, Sequence
+
+from envs.base import INVALID
+
+
+def answer_distribution(keys: Sequence[str], answer_space: Sequence[str]) -> dict[str, float]:
+    """Fraction per answer in `answer_space`, plus INVALID for everything else."""
+    n = max(len(keys), 1)
+    counts = Counter(k if k in answer_space else INVALID for k in keys)
+    dist = {a: counts.get(a, 0) / n for a in answer_space}
+    dist[INVALID] = counts.get(INVALID, 0) / n
+    return dist
+
+
+def entropy(dist: Mapping[str, float]) -> float:
+    """Shannon entropy in nats over all buckets, INVALID included."""
+    return max(0.0, -sum(p * math.log(p) for p in dist.values() if p > 0))
+
+
+def tv_to_uniform(dist: Mapping[str, float], valid: Sequence[str]) -> float:
+    """Total-variation distance to the uniform distribution over the valid answers."""
+    target = {a: 1.0 / len(valid) for a in valid}
+    keys = set(dist) | set(target)
+    return 0.5 * sum(abs(dist.get(k, 0.0) - target.get(k, 0.0)) for k in keys)

@@ -1,0 +1,127 @@
+"""Rollout engine: sample G completions per prompt with transformers `generate`.
+
+The batch it returns carries everything the loss needs (token ids, masks, group ids) so
+the trainer never re-tokenises text: re-tokenising a decoded completion can give other
+tokens than were sampled, and the log-probs would then be of text the policy never wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from envs.base import Prompt
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, P + C]: left-padded prompt, then completion
+    attention_mask: torch.Tensor  # [B, P + C]
+    completion_mask: torch.Tensor  # [B, C]: sampled tokens up to and including EOS
+    prompt_len: int  # P
+    groups: torch.Tensor  # [B]: index of the prompt each rollout answers
+    prompts: list[Prompt]  # one per rollout
+    completions: list[str]  # decoded completion text (special tokens dropped)
+    finished: list[bool]  # stopped with EOS rather than by the length limit
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    """Chat-template text of a prompt, with the assistant prefix already written."""
+    messages = [{"role": r, "content": c} for r, c in prompt.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + prompt.assistant_prefix
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real completion tokens (through the first EOS) and whether EOS was reached."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completion_ids == e
+    finished = is_eos.any(-1)
+    eos_seen_before = is_eos.long().cumsum(-1) - is_eos.long()
+    mask = eos_seen_before == 0
+    return mask, finished
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class HFRollout:
+    """Sampling with `model.generate` (the CPU default)."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def generate(
+        self, model, tokenizer, prompts: Sequence[Prompt], group_size: int, temperature: float | None = None
+    ) -> RolloutBatch:
+        device = next(model.parameters()).device
+        texts = [render(tokenizer, p) for p in prompts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
+        attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
+        eos = eos_token_ids(model, tokenizer)
+        was_training = model.training
+        model.eval()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=temperature or self.temperature,
+            top_p=self.top_p,
+            top_k=0,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model.train(was_training)
+        prompt_len = ids.shape[1]
+        comp = out[:, prompt_len:]
+        mask, finished = completion_mask(comp, eos)
+        comp = torch.where(mask, comp, torch.full_like(comp, tokenizer.pad_token_id))
+        full = torch.cat([ids, comp], dim=1)
+        full_attn = torch.cat([attn, mask.to(attn.dtype)], dim=1)
+        decoded = tokenizer.batch_decode(comp, skip_special_tokens=True)
+        groups = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+        return RolloutBatch(
+            input_ids=full,
+            attention_mask=full_attn,
+            completion_mask=mask,
+            prompt_len=prompt_len,
+            groups=groups,
+            prompts=[p for p in prompts for _ in range(group_size)],
+            completions=decoded,
+            finished=finished.tolist(),
+        )
+
+
+def make_rollout(cfg) -> HFRollout:
+    if cfg.name == "hf":
+        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    raise ValueError(f"rollout.name={cfg.name!r}: must be hf")

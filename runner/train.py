@@ -1,0 +1,421 @@
+"""The training loop: the flow of one step from DESIGN.md, plus evaluation, checkpoints,
+tracking and a clean stop on Ctrl-C.
+
+    prompts -> rollouts -> scores -> shaped rewards -> advantages -> loss -> optimizer step
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from envs import INVALID, make_env
+from runner import checkpoint as ckpt
+from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss, token_logprobs
+from runner.budget import CostMeter
+from runner.config import RunConfig, flatten, to_dict
+from runner.metrics import answer_distribution, entropy, tv_to_uniform
+from runner.models import load_policy
+from runner.rollout import RolloutBatch, make_rollout, position_ids, render
+from runner.shapers import shape
+from runner.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "run_state.json"
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one
+    interrupts at once (the last checkpoint is still there)."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now)", file=sys.stderr)
+
+
+@dataclass
+class History:
+    """What the final plot and summary need, kept in checkpoints so a resume has it."""
+
+    train: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    eval: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device='cuda' but no CUDA device is visible; use trainer.device=cpu or auto")
+    return name
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def sequence_logprobs(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of the completion tokens under the current policy."""
+    c = batch.completion_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        logits_to_keep=c + 1,
+        use_cache=False,
+    )
+    return token_logprobs(out.logits[:, :-1], batch.completion_ids)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, output_dir: Path, meter: Optional[CostMeter] = None):
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
+        self.env = make_env(cfg.env)
+        self.rollout = make_rollout(cfg.rollout)
+        self.loss_cfg = LossConfig(cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.loss_agg, cfg.algo.entropy_coef)
+        self.history = History()
+        self.step = 0
+        self.tracker: Optional[Tracker] = None
+        self.last_eval: Optional[dict[str, Any]] = None
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        self.device = pick_device(cfg.trainer.device)
+        torch.manual_seed(cfg.seed)
+        import random
+
+        import numpy as np
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model, self.tok = load_policy(cfg.model, self.device)
+        a = cfg.algo
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay
+        )
+        state = ckpt.load_latest(self.ckpt_dir)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            ckpt.set_rng_state(state["rng"])
+            self.step = state["step"]
+            self.history = History(**state["history"])
+            self.meter._carried = state.get("wall_seconds", 0.0)
+            log.info("resumed from step %d", self.step)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def open_tracking(self, config_yaml: str) -> None:
+        cfg = self.cfg
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        state_path = self.output_dir / STATE_FILE
+        prior = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if prior.get("run_id") and prior.get("tracking_uri") == self.tracker.uri:
+            self.tracker.resume(prior["run_id"])
+            self.tracker.log_text(config_yaml, f"config/resumed_at_step_{self.step}.yaml")
+            return
+        tags = {
+            "env": cfg.env.name,
+            "algo": cfg.algo.name,
+            "shaper": cfg.shaper.name,
+            "model": cfg.model.name,
+            "output_dir": str(self.output_dir),
+        }
+        name = cfg.tracking.run_name or f"{cfg.env.name}-{cfg.algo.name}-{cfg.shaper.name}-s{cfg.seed}"
+        self.tracker.start(name, tags, parent_run_id=os.environ.get("RUNNER_PARENT_RUN_ID"))
+        self.tracker.log_params(flatten(to_dict(cfg)))
+        self.tracker.log_text(config_yaml, "config/config.yaml")
+        _write_json(state_path, {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
+                                 "experiment": cfg.tracking.experiment})
+
+    # -- one step ------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        prompts = env.prompts(self.step, cfg.train.prompts_per_step)
+        batch = self.rollout.generate(self.model, self.tok, prompts, cfg.algo.group_size)
+        t_gen = time.perf_counter()
+        scores = [env.score(p, c, f) for p, c, f in zip(batch.prompts, batch.completions, batch.finished)]
+        raw = [s.reward for s in scores]
+        keys = [s.answer_key for s in scores]
+        groups = batch.groups.tolist()
+        shaped = shape(cfg.shaper.name, raw, keys, groups)
+        adv = advantages(torch.tensor(shaped), batch.groups.cpu(), cfg.algo.scale_rewards, cfg.algo.adv_clip)
+        t_score = time.perf_counter()
+        train_m = self.update(batch, adv.to(self.device))
+        t_end = time.perf_counter()
+
+        m: dict[str, float] = {
+            "reward/raw_mean": sum(raw) / len(raw),
+            "reward/shaped_mean": sum(shaped) / len(shaped),
+            "format/exact_rate": sum(s.exact_format for s in scores) / len(scores),
+            "completion/mean_length": batch.completion_lengths.float().mean().item(),
+            "completion/finished_rate": sum(batch.finished) / len(batch),
+            "groups/zero_variance_frac": _zero_variance_frac(shaped, groups),
+            "time/step_s": t_end - t0,
+            "time/generate_s": t_gen - t0,
+            "time/score_s": t_score - t_gen,
+            "time/train_s": t_end - t_score,
+            "throughput/tokens_per_s": batch.completion_lengths.sum().item() / (t_end - t0),
+            **train_m,
+        }
+        m.update(self.answer_metrics(keys, "answers"))
+        self.history.train.append((self.step, self.answer_dist(keys)))
+        return m
+
+    def update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
+        mask = batch.completion_mask
+        norm = BatchNorm(tokens=float(mask.sum().clamp(min=1)), seqs=float(len(batch)),
+                         max_len=float(self.cfg.rollout.max_new_tokens))
+        old_logp = None
+        out: dict[str, float] = {}
+        for it in range(self.cfg.algo.num_iterations):
+            logp, ent = sequence_logprobs(self.model, batch)
+            if old_logp is None:  # the policy that sampled: this first forward, detached
+                old_logp = logp.detach()
+            loss, stats = policy_loss(logp, old_logp, adv, mask, ent, self.loss_cfg, norm)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.algo.max_grad_norm)
+            self.opt.step()
+            if it == 0:
+                m = mask.bool()
+                out["policy/token_entropy"] = ent.detach()[m].mean().item() if m.any() else 0.0
+            out.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item()})
+            out.update({f"train/{k}": v.item() for k, v in stats.items()})
+        out["train/adv_abs_mean"] = adv.abs().mean().item()
+        return out
+
+    # -- metrics -------------------------------------------------------------------------
+    def answer_dist(self, keys: list[str]) -> dict[str, float]:
+        space = self.env.answer_space or sorted(set(keys) - {INVALID})
+        return answer_distribution(keys, space)
+
+    def answer_metrics(self, keys: list[str], prefix: str) -> dict[str, float]:
+        dist = self.answer_dist(keys)
+        valid = self.env.valid_answers or []
+        m = {f"{prefix}/frac/{k}": v for k, v in dist.items()}
+        m[f"{prefix}/entropy"] = entropy(dist)
+        m[f"{prefix}/valid_rate"] = sum(dist.get(k, 0.0) for k in valid)
+        if valid:
+            m[f"{prefix}/tv_uniform_valid"] = tv_to_uniform(dist, valid)
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Sample eval_samples completions at T=1; where answers are finite, also read the
+        policy's exact first-answer-token probabilities from one forward pass."""
+        cfg, env = self.cfg, self.env
+        prompt = env.prompts(self.step, 1)[0]
+        batch = self.rollout.generate(self.model, self.tok, [prompt], cfg.train.eval_samples, temperature=1.0)
+        scores = [env.score(prompt, c, f) for c, f in zip(batch.completions, batch.finished)]
+        keys = [s.answer_key for s in scores]
+        m = self.answer_metrics(keys, "eval/answers")
+        m["eval/reward_mean"] = sum(s.reward for s in scores) / len(scores)
+        m["eval/exact_format_rate"] = sum(s.exact_format for s in scores) / len(scores)
+        m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
+        probs = self.answer_probabilities(prompt)
+        if probs:
+            m.update({f"eval/prob/{k}": v for k, v in probs.items()})
+            dist = dict(probs)
+            dist[INVALID] = max(0.0, 1.0 - sum(probs.values()))
+            m["eval/prob/answer_mass"] = sum(probs.values())
+            if env.valid_answers:
+                m["eval/prob/tv_uniform_valid"] = tv_to_uniform(dist, env.valid_answers)
+        self.history.eval.append((self.step, self.answer_dist(keys)))
+        self.last_eval = {"dist": self.answer_dist(keys), "probs": probs, "scores": scores,
+                          "completions": batch.completions, "prompt": prompt}
+        return m
+
+    def answer_probabilities(self, prompt) -> dict[str, float]:
+        """P(first answer token) after the prompt and prefix, for each answer in the space.
+        Exact for single-token answers (the dice faces are)."""
+        space = self.env.answer_space
+        if not space:
+            return {}
+        first = {}
+        for a in space:
+            ids = self.tok.encode(a, add_special_tokens=False)
+            if len(ids) != 1:
+                return {}
+            first[a] = ids[0]
+        enc = self.tok(render(self.tok, prompt), return_tensors="pt", add_special_tokens=False).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(**enc, logits_to_keep=1, use_cache=False).logits[0, -1].float()
+        self.model.train(was_training)
+        p = torch.softmax(logits, -1)
+        return {a: p[i].item() for a, i in first.items()}
+
+    # -- persistence ---------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": ckpt.rng_state(),
+            "history": {"train": self.history.train, "eval": self.history.eval},
+            "wall_seconds": self.meter.wall_seconds,
+        }
+        path = ckpt.save(self.ckpt_dir, self.step, payload, self.cfg.train.keep_checkpoints)
+        if self.tracker:
+            self.tracker.flush()
+        return path
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, stop: StopFlag) -> str:
+        """Train to train.steps; returns why it stopped: completed or a signal name."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        total = cfg.train.steps
+        bar = tqdm(total=total, initial=self.step, desc=f"{cfg.env.name}/{cfg.shaper.name}",
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        try:
+            while self.step < total:
+                if stop.reason:
+                    return stop.reason
+                self.step += 1
+                m = self.train_step()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                    m.update(self.evaluate())
+                m.update(self.meter.metrics())
+                self.tracker.log_metrics(m, self.step)
+                bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m['answers/entropy']:.2f}",
+                                valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
+                bar.update(1)
+                if self.step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+                elif self.step % cfg.tracking.flush_every == 0:
+                    self.tracker.flush()
+            return "completed"
+        finally:
+            bar.close()
+
+    def finish(self, reason: str) -> None:
+        """Final evaluation, checkpoint and artifacts; status FINISHED or KILLED."""
+        if reason == "completed":
+            m = self.evaluate()
+            m.update(self.meter.metrics())
+            self.tracker.log_metrics(m, self.step)
+        self.save_checkpoint()
+        self.tracker.set_tags({"stop_reason": reason, "final_step": self.step})
+        self.log_artifacts()
+        self.tracker.end("FINISHED" if reason == "completed" else "KILLED")
+
+    def log_artifacts(self) -> None:
+        from runner.plots import distribution_over_steps
+
+        art = self.output_dir / "artifacts"
+        art.mkdir(parents=True, exist_ok=True)
+        if self.history.train:
+            keys = list(self.history.train[-1][1].keys())
+            plot = distribution_over_steps(self.history.train, self.history.eval, keys,
+                                           self.env.valid_answers or keys, art / "answer_distribution.png",
+                                           f"{self.cfg.env.name} / {self.cfg.shaper.name}")
+            self.tracker.log_artifact(plot)
+        if self.last_eval:
+            rows = ["| # | completion | answer | reward |", "|---|---|---|---|"]
+            ev = self.last_eval
+            for i, (c, s) in enumerate(zip(ev["completions"], ev["scores"])):
+                if i >= self.cfg.train.sample_table_rows:
+                    break
+                text = (ev["prompt"].assistant_prefix + c).replace("|", "\\|").replace("\n", "\\n")
+                rows.append(f"| {i} | `{text}` | {s.answer_key} | {s.reward:g} |")
+            table = "\n".join(rows) + "\n"
+            (art / "samples.md").write_text(table)
+            self.tracker.log_artifact(art / "samples.md")
+
+    def summary(self) -> str:
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        env = self.env
+        ev = self.last_eval or {"dist": {}, "probs": {}}
+        valid = env.valid_answers or []
+        t = Table(title=f"final policy after {self.step} steps: {self.cfg.env.name}, shaper={self.cfg.shaper.name}")
+        t.add_column("answer")
+        t.add_column(f"sampled (n={self.cfg.train.eval_samples}, T=1)", justify="right")
+        t.add_column("P(first token)", justify="right")
+        t.add_column("ideal", justify="right")
+        for k, v in ev["dist"].items():
+            ideal = 1 / len(valid) if k in valid else 0.0
+            p = ev["probs"].get(k)
+            t.add_row(k, f"{v:.3f}", "" if p is None else f"{p:.3f}", f"{ideal:.3f}")
+        buf = StringIO()
+        console = Console(file=buf, width=100)
+        console.print(t)
+        console.print(f"MLflow: {self.tracker.run_url()}  (`make ui` to browse)")
+        console.print(f"output: {self.output_dir}   wall {self.meter.wall_seconds:.0f} s, "
+                      f"{self.meter.device_hours:.4f} device-h, ${self.meter.usd:.4f}")
+        return buf.getvalue()
+
+
+def _zero_variance_frac(rewards: list[float], groups: list[int]) -> float:
+    by: dict[int, list[float]] = {}
+    for r, g in zip(rewards, groups):
+        by.setdefault(g, []).append(r)
+    return sum(max(v) == min(v) for v in by.values()) / max(len(by), 1)
+
+
+def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None) -> Trainer:
+    """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
+    that says how it ended: FINISHED, KILLED (signal) or FAILED (exception)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, output_dir, meter)
+    trainer.setup()
+    trainer.open_tracking(config_yaml)
+    (output_dir / "config.yaml").write_text(config_yaml)
+    with StopFlag() as stop:
+        try:
+            reason = trainer.fit(stop)
+            trainer.finish(reason)
+        except KeyboardInterrupt:
+            trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": trainer.step})
+            trainer.tracker.end("KILLED")
+            raise
+        except BaseException:
+            tb = traceback.format_exc()
+            try:
+                trainer.tracker.set_tags({"stop_reason": "error"})
+                trainer.tracker.log_text(tb, "traceback.txt")
+                trainer.tracker.end("FAILED")
+            finally:
+                raise
+    print(trainer.summary())
+    return trainer
