@@ -33,9 +33,13 @@ def main(cfg: DictConfig) -> None:
     from runner.train import run
 
     try:
-        run(run_cfg, output_dir, config_yaml, meter)
+        trainer = run(run_cfg, output_dir, config_yaml, meter)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the run is marked KILLED", file=sys.stderr)
+        sys.exit(130)
+    if trainer.stop_reason != "completed":
+        print(f"stopped by {trainer.stop_reason} at step {trainer.step}: checkpoint written, run marked KILLED; "
+              f"the same command resumes it", file=sys.stderr)
         sys.exit(130)
 
 

@@ -327,6 +327,9 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raw = dict(cfg)
     raw.pop("hydra", None)
     run = _build(RunConfig, raw, "")
+    if run.model.path:  # model.path=... on any preset: load those weights instead
+        run.model.source = "pretrained"
+        run.model.tokenizer_from = None
     _check_ranges(run)
     return run
 

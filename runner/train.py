@@ -106,6 +106,7 @@ class Trainer:
         self.step = 0
         self.tracker: Optional[Tracker] = None
         self.last_eval: Optional[dict[str, Any]] = None
+        self.stop_reason: Optional[str] = None
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -328,11 +329,13 @@ class Trainer:
     def finish(self, reason: str) -> None:
         """Final evaluation, checkpoint and artifacts; status FINISHED or KILLED."""
         if reason == "completed":
-            m = self.evaluate()
-            m.update(self.meter.metrics())
-            self.tracker.log_metrics(m, self.step)
+            self.tracker.log_metrics(self.evaluate(), self.step)
         self.save_checkpoint()
-        self.tracker.set_tags({"stop_reason": reason, "final_step": self.step})
+        # totals including the final evaluation, as tags: the step's cost metrics are logged already
+        self.tracker.set_tags({"stop_reason": reason, "final_step": self.step,
+                               "total_wall_s": f"{self.meter.wall_seconds:.1f}",
+                               "total_device_hours": f"{self.meter.device_hours:.5f}",
+                               "total_usd": f"{self.meter.usd:.4f}"})
         self.log_artifacts()
         self.tracker.end("FINISHED" if reason == "completed" else "KILLED")
 
@@ -397,14 +400,16 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
     that says how it ended: FINISHED, KILLED (signal) or FAILED (exception)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("output dir %s (env=%s algo=%s shaper=%s model=%s)", output_dir, cfg.env.name, cfg.algo.name,
+             cfg.shaper.name, cfg.model.name)
     trainer = Trainer(cfg, output_dir, meter)
     trainer.setup()
     trainer.open_tracking(config_yaml)
     (output_dir / "config.yaml").write_text(config_yaml)
     with StopFlag() as stop:
         try:
-            reason = trainer.fit(stop)
-            trainer.finish(reason)
+            trainer.stop_reason = trainer.fit(stop)
+            trainer.finish(trainer.stop_reason)
         except KeyboardInterrupt:
             trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": trainer.step})
             trainer.tracker.end("KILLED")

@@ -1,0 +1,88 @@
+"""Every option of every group composes through real Hydra; bad input fails early and clearly."""
+
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, run_cli
+from runner.config import ConfigError, validate
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    extra = ["model.path=/tmp"] if (group, option) == ("model", "pretrained") else []
+    cfg = validate(composed([f"{group}={option}", *extra]))
+    assert getattr(cfg, group).name == option
+
+
+def test_defaults_are_the_main_job():
+    cfg = validate(composed())
+    assert (cfg.env.name, cfg.shaper.name, cfg.algo.name, cfg.model.name) == ("even_dice", "divisor", "grpo", "smollm2_135m")
+    assert cfg.algo.group_size == 6
+    assert cfg.env.prompt == "roll a dice. output the roll in <answer></answer> tags."
+    assert cfg.env.assistant_prefix == "<answer>"
+
+
+@pytest.mark.parametrize(
+    "overrides,first_line",
+    [
+        (["train.steps=0"], "train.steps=0: must be an integer >= 1"),
+        (["train.steps=abc"], "train.steps='abc': expected an integer"),
+        (["algo.group_size=1"], "algo.group_size=1: must be an integer >= 2"),
+        (["algo.group_size=-3"], "algo.group_size=-3: must be an integer >= 2"),
+        (["algo.lr=0"], "algo.lr=0.0: must be > 0"),
+        (["algo.lr=-1e-5"], "algo.lr=-1e-05: must be > 0"),
+        (["algo.lr=fast"], "algo.lr='fast': expected a number"),
+        (["env.strict_format=maybe"], "env.strict_format='maybe': expected true/false"),
+        (["algo.loss_agg=mean"], "algo.loss_agg='mean': must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        (["+train.stepz=3"], "train.stepz: unknown key; allowed keys in train: steps,"),
+        (["model.path=/no/such/model"], "model.path='/no/such/model': does not exist"),
+        (["algo.clip_low=1.5"], "algo.clip_low=1.5: must be in [0, 1)"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, first_line):
+    with pytest.raises(ConfigError) as e:
+        validate(composed(overrides))
+    assert str(e.value).startswith(first_line)
+
+
+def test_bad_input_from_the_cli_fails_fast_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    t = time.time()
+    r = run_cli(["algo.group_size=1", f"output_dir={out}"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0].startswith("error: algo.group_size=1: must be an integer >= 2")
+    assert time.time() - t < 30  # no model was loaded
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["env=nope"], "Could not find 'env/nope'"),  # Hydra lists the available options
+        (["train.stepz=3"], "Could not override 'train.stepz'"),
+    ],
+)
+def test_hydra_level_errors_name_the_key(tmp_path, args, needle):
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    if args == ["env=nope"]:
+        assert "dice" in r.stderr and "even_dice" in r.stderr
+    assert not (tmp_path / "mlruns.db").exists()
