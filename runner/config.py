@@ -68,7 +68,7 @@ class EnvConfig:
 class AlgoConfig:
     name: str = "grpo"
     group_size: int = 6
-    lr: float = 1e-5
+    lr: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -146,7 +146,7 @@ class TrackingConfig:
 @dataclass
 class TrainConfig:
     steps: int = 60
-    prompts_per_step: int = 4
+    prompts_per_step: int = 2
     eval_every: int = 10
     eval_samples: int = 96
     checkpoint_every: int = 25

