@@ -23,6 +23,9 @@ class Score:
     # nothing could be parsed.
     answer_key: str
     exact_format: bool
+    # Character span [start, end) of the answer inside the completion text, where one was
+    # found: what `algo.entropy.scope=answer` rewards entropy on.
+    answer_span: Optional[tuple[int, int]] = None
 
 
 class Environment(Protocol):

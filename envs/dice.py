@@ -27,6 +27,15 @@ def parse_answer(text: str) -> Optional[str]:
     return str(int(body))
 
 
+def answer_span(text: str, offset: int) -> Optional[tuple[int, int]]:
+    """[start, end) of the first answer tag's content, shifted by -offset (the prefix)."""
+    m = _TAG.search(text)
+    if m is None:
+        return None
+    start, end = max(m.start(1) - offset, 0), m.end(1) - offset
+    return (start, end) if end > start else None
+
+
 def is_exact_format(text: str, finished: bool) -> bool:
     """Exactly `<answer>N</answer>` and then end of text (the model stopped by itself)."""
     return finished and _STRICT.fullmatch(text) is not None
@@ -59,4 +68,5 @@ class DiceEnv:
         answer = parse_answer(text)
         exact = is_exact_format(text, finished)
         ok = answer in self._valid and (exact or not self.strict_format)
-        return Score(reward=1.0 if ok else 0.0, answer_key=answer or INVALID, exact_format=exact)
+        return Score(reward=1.0 if ok else 0.0, answer_key=answer or INVALID, exact_format=exact,
+                     answer_span=answer_span(text, len(prompt.assistant_prefix)))

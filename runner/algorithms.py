@@ -1,12 +1,22 @@
-"""Policy-gradient pieces: group advantages and one clipped policy loss with switches.
+"""Policy-gradient pieces: advantages and ONE clipped policy loss with switches.
 
-GRPO variants differ by a few switches (how rewards are scaled, how token losses are
-aggregated, the clip range); they are options here rather than copies of the loss.
+GRPO and its variants differ by a handful of switches, so they are options here rather
+than copies of the loss (the presets in conf/algo/ only set switches):
+
+- baseline: group mean (GRPO) or leave-one-out (RLOO)
+- scale_rewards: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)
+- ratio_level: per token (PPO/GRPO) or one length-normalised ratio per sequence (GSPO)
+- clip_mode: PPO's min(unclipped, clipped) or CISPO's detached clipped weight x log-prob
+- clip_low / clip_high: asymmetric ranges (DAPO's clip-higher); clip_low None = no lower bound
+- loss_agg: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm (Dr. GRPO)
+- token_mask: e.g. only the top-entropy tokens ("Beyond the 80/20 rule")
+- entropy bonus and KL-to-reference terms
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -18,12 +28,15 @@ def advantages(
     groups: torch.Tensor,
     scale: str = "group",
     adv_clip: float | None = None,
+    baseline: str = "mean",
 ) -> torch.Tensor:
-    """(r - group mean) / scale, per rollout.
+    """(r - baseline) / scale, per rollout.
 
-    scale: "group" divides by the group's population std (so 1 success among 24 gets
-    4.8, as in the RL Diary), "batch" by the whole batch's std, "none" not at all
-    (Dr. GRPO). A group whose rewards are all equal gets advantage 0 either way.
+    baseline "mean": the group's mean reward (GRPO); "loo": the mean of the *other*
+    rollouts in the group (RLOO), which equals G/(G-1) * (r - mean).
+    scale "group": the group's population std (so 1 success among 24 gets 4.8, as in the
+    RL Diary); "batch": the whole batch's std; "none": no division (Dr. GRPO, RLOO).
+    A group whose rewards are all equal gets advantage 0 either way.
     """
     rewards = rewards.float()
     adv = torch.empty_like(rewards)
@@ -31,7 +44,13 @@ def advantages(
     for g in torch.unique(groups):
         idx = groups == g
         r = rewards[idx]
-        adv[idx] = r - r.mean()
+        n = r.numel()
+        if baseline == "loo":
+            adv[idx] = (r - r.mean()) * (n / (n - 1)) if n > 1 else torch.zeros_like(r)
+        elif baseline == "mean":
+            adv[idx] = r - r.mean()
+        else:
+            raise ValueError(f"algo.baseline={baseline!r}: must be mean or loo")
         std[idx] = r.std(correction=0)
     if scale == "group":
         adv = adv / (std + ADV_EPS)
@@ -55,12 +74,47 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return logp, ent
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimates from samples of pi (Schulman's k1, k2, k3)."""
+    log_r = ref_logp - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.exp(log_r) - log_r - 1
+    raise ValueError(f"algo.kl.estimator={estimator!r}: must be k1, k2 or k3")
+
+
+def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Keep the `quantile` fraction of valid tokens with the highest entropy (1.0 keeps all)."""
+    if quantile >= 1.0:
+        return mask.bool()
+    m = mask.bool()
+    vals = entropy.detach()[m]
+    if vals.numel() == 0:
+        return m
+    threshold = torch.quantile(vals.float(), 1.0 - quantile)
+    return m & (entropy.detach() >= threshold)
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    clip_low: float = 0.2
+    clip_low: Optional[float] = 0.2
     clip_high: float = 0.2
     loss_agg: str = "seq-mean-token-mean"
+    ratio_level: str = "token"  # token | sequence
+    clip_mode: str = "ppo"  # ppo | cispo
     entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+    @classmethod
+    def from_algo(cls, a) -> "LossConfig":
+        """From a validated runner.config.AlgoConfig (a preset plus overrides)."""
+        return cls(clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, ratio_level=a.ratio_level,
+                   clip_mode=a.clip_mode, entropy_coef=a.entropy.coef, kl_coef=a.kl.coef,
+                   kl_estimator=a.kl.estimator)
 
 
 @dataclass(frozen=True)
@@ -98,32 +152,92 @@ def policy_loss(
     entropy: torch.Tensor,
     cfg: LossConfig,
     norm: BatchNorm,
+    *,
+    pg_mask: Optional[torch.Tensor] = None,
+    entropy_mask: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-style clipped surrogate, negated, minus an optional entropy bonus.
+    """The policy loss on [B, T] tensors; `mask` marks real completion tokens.
 
-    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+    ppo:   per token -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+    cispo: per token -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp
+    ratio: exp(logp - old_logp) per token, or for ratio_level=sequence the exp of the
+    mean log-ratio over the sequence's tokens, shared by all of them (GSPO).
+
+    pg_mask (default: mask) selects the tokens that get policy gradient (top-entropy
+    training); the others are zeroed but still counted, so masking does not rescale the
+    kept tokens' gradients. entropy_mask (default: mask) selects the tokens whose entropy
+    is rewarded (the answer span, say), averaged over those tokens.
+    loss = pg - entropy_coef * H + kl_coef * KL.
     """
-    ratio = torch.exp(logp - old_logp)
+    mask_f = mask.to(logp.dtype)
+    pg_mask = mask if pg_mask is None else pg_mask
+    entropy_mask = mask if entropy_mask is None else entropy_mask
+    log_ratio = logp - old_logp
+    if cfg.ratio_level == "sequence":
+        seq = (log_ratio * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1)
+        log_ratio = seq.unsqueeze(-1).expand_as(logp)
+    elif cfg.ratio_level != "token":
+        raise ValueError(f"algo.ratio_level={cfg.ratio_level!r}: must be token or sequence")
+    ratio = torch.exp(log_ratio)
+    lo = 0.0 if cfg.clip_low is None else 1.0 - cfg.clip_low
+    hi = 1.0 + cfg.clip_high
     a = adv.unsqueeze(-1)
-    unclipped = ratio * a
-    clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a
-    per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate(per_token, mask, cfg.loss_agg, norm)
-    ent = aggregate(entropy, mask, cfg.loss_agg, norm)
+    clipped_ratio = ratio.clamp(lo, hi)
+    if cfg.clip_mode == "ppo":
+        per_token = -torch.minimum(ratio * a, clipped_ratio * a)
+    elif cfg.clip_mode == "cispo":
+        per_token = -clipped_ratio.detach() * a * logp
+    else:
+        raise ValueError(f"algo.clip_mode={cfg.clip_mode!r}: must be ppo or cispo")
+    loss = aggregate(per_token * pg_mask.to(per_token.dtype), mask, cfg.loss_agg, norm)
+    ent = aggregate(entropy, entropy_mask, cfg.loss_agg, norm)
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * ent
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logp is not None:
+        kl = aggregate(kl_estimate(logp, ref_logp, cfg.kl_estimator), mask, cfg.loss_agg, norm)
+        if cfg.kl_coef:
+            loss = loss + cfg.kl_coef * kl
+        stats["kl"] = kl.detach()
     with torch.no_grad():
         m = mask.bool()
         n = m.sum().clamp(min=1)
-        low = ((ratio < 1 - cfg.clip_low) & (a < 0) & m).sum() / n
-        high = ((ratio > 1 + cfg.clip_high) & (a > 0) & m).sum() / n
+        low = ((ratio < lo) & (a < 0) & m).sum() / n
+        high = ((ratio > hi) & (a > 0) & m).sum() / n
         r = ratio[m] if m.any() else ratio.new_ones(1)
-        stats = {
+        stats.update({
             "clip_frac/low": low,
             "clip_frac/high": high,
             "clip_frac/total": low + high,
             "ratio/mean": r.mean(),
             "ratio/min": r.min(),
             "ratio/max": r.max(),
-        }
+            "pg_token_frac": (pg_mask.bool() & m).sum() / n,
+        })
     return loss, stats
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to
+    -penalty at max_len (and -penalty beyond)."""
+    start = max_len - buffer
+    over = (lengths.float() - start).clamp(min=0) / max(buffer, 1)
+    return -penalty * over.clamp(max=1.0)
+
+
+class AdaptiveEntropy:
+    """Skywork-OR1's adaptive entropy control: raise the coefficient by `delta` while the
+    policy's entropy is below `target`, lower it otherwise, clamped to [lo, hi]; the bonus
+    applies only while entropy is below target."""
+
+    def __init__(self, coef: float, target: float, delta: float, lo: float, hi: float):
+        self.coef, self.target, self.delta, self.lo, self.hi = coef, target, delta, lo, hi
+
+    def effective(self, entropy: float) -> float:
+        return self.coef if entropy < self.target else 0.0
+
+    def update(self, entropy: float) -> float:
+        step = self.delta if entropy < self.target else -self.delta
+        self.coef = min(self.hi, max(self.lo, self.coef + step))
+        return self.coef

@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 
 ENV_NAMES = ("dice", "even_dice")
-ALGO_NAMES = ("grpo",)
+ALGO_NAMES = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo")
 SHAPER_NAMES = ("none", "bonus", "divisor")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -65,6 +65,45 @@ class EnvConfig:
 
 
 @dataclass
+class EntropyConfig:
+    """Entropy bonus: loss -= coef * H. scope=answer rewards entropy only on the answer
+    span (the dice post saw all-token entropy gamed by padding). adaptive: Skywork-OR1."""
+
+    coef: float = 0.0
+    scope: str = "all"
+    adaptive: bool = False
+    target: float = 0.5
+    delta: float = 0.001
+    coef_min: float = 0.0
+    coef_max: float = 0.05
+
+
+@dataclass
+class KLConfig:
+    """KL to a frozen copy of the initial policy; no reference model is loaded at coef 0."""
+
+    coef: float = 0.0
+    estimator: str = "k3"
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO: drop groups whose rewards are all equal and sample more, up to max_rounds."""
+
+    enabled: bool = False
+    max_rounds: int = 3
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment over the last `buffer` tokens of max_new_tokens."""
+
+    enabled: bool = False
+    buffer: int = 4
+    penalty: float = 1.0
+
+
+@dataclass
 class AlgoConfig:
     name: str = "grpo"
     group_size: int = 6
@@ -74,13 +113,22 @@ class AlgoConfig:
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
     num_iterations: int = 1
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_agg: str = "seq-mean-token-mean"
+    baseline: str = "mean"
     scale_rewards: str = "group"
     # Advantages are clipped to [-adv_clip, adv_clip]; None disables.
     adv_clip: Optional[float] = None
-    entropy_coef: float = 0.0
+    ratio_level: str = "token"
+    clip_mode: str = "ppo"
+    # ratio clipped to [1 - clip_low, 1 + clip_high]; clip_low None: no lower bound.
+    clip_low: Optional[float] = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "seq-mean-token-mean"
+    # Train only on this top fraction of tokens by entropy (arXiv 2506.01939); 1.0 = all.
+    top_entropy_quantile: float = 1.0
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
 
 @dataclass
@@ -261,12 +309,30 @@ def _check_ranges(c: RunConfig) -> None:
     _check(0 <= a.adam_beta2 < 1, "algo.adam_beta2", a.adam_beta2, "must be in [0, 1)")
     _check(a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0")
     _check(a.num_iterations >= 1, "algo.num_iterations", a.num_iterations, "must be >= 1")
-    _check(0 <= a.clip_low < 1, "algo.clip_low", a.clip_low, "must be in [0, 1)")
-    _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
-    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _one_of("algo.baseline", a.baseline, ("mean", "loo"))
     _one_of("algo.scale_rewards", a.scale_rewards, SCALE_REWARDS)
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", a.adv_clip, "must be > 0 or null")
-    _check(a.entropy_coef >= 0, "algo.entropy_coef", a.entropy_coef, "must be >= 0")
+    _one_of("algo.ratio_level", a.ratio_level, ("token", "sequence"))
+    _one_of("algo.clip_mode", a.clip_mode, ("ppo", "cispo"))
+    _check(a.clip_low is None or 0 <= a.clip_low < 1, "algo.clip_low", a.clip_low,
+           "must be in [0, 1), or null for no lower bound")
+    _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
+    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _check(0 < a.top_entropy_quantile <= 1, "algo.top_entropy_quantile", a.top_entropy_quantile,
+           "must be in (0, 1] (the fraction of tokens kept, highest entropy first)")
+    e = a.entropy
+    _check(e.coef >= 0, "algo.entropy.coef", e.coef, "must be >= 0")
+    _one_of("algo.entropy.scope", e.scope, ("all", "answer"))
+    _check(e.target >= 0, "algo.entropy.target", e.target, "must be >= 0")
+    _check(e.delta >= 0, "algo.entropy.delta", e.delta, "must be >= 0")
+    _check(e.coef_min >= 0, "algo.entropy.coef_min", e.coef_min, "must be >= 0")
+    _check(e.coef_max >= e.coef_min, "algo.entropy.coef_max", e.coef_max, "must be >= algo.entropy.coef_min")
+    _check(a.kl.coef >= 0, "algo.kl.coef", a.kl.coef, "must be >= 0")
+    _one_of("algo.kl.estimator", a.kl.estimator, ("k1", "k2", "k3"))
+    _check(a.dynamic_sampling.max_rounds >= 1, "algo.dynamic_sampling.max_rounds",
+           a.dynamic_sampling.max_rounds, "must be >= 1")
+    _check(a.overlong.buffer >= 1, "algo.overlong.buffer", a.overlong.buffer, "must be >= 1")
+    _check(a.overlong.penalty >= 0, "algo.overlong.penalty", a.overlong.penalty, "must be >= 0")
     _one_of("shaper.name", c.shaper.name, SHAPER_NAMES)
 
     m = c.model
@@ -292,6 +358,9 @@ def _check_ranges(c: RunConfig) -> None:
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    if a.overlong.enabled:
+        _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
+               f"must be < rollout.max_new_tokens ({r.max_new_tokens})")
 
     _one_of("trainer.name", c.trainer.name, ("torch",))
     _one_of("trainer.device", c.trainer.device, DEVICES)

@@ -8,7 +8,7 @@ tokens than were sampled, and the log-probs would then be of text the policy nev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,6 +36,62 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch from several (e.g. rounds of dynamic sampling): prompts re-left-padded,
+    completions re-right-padded, group ids renumbered so groups stay distinct."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_len for b in batches)
+    C = max(b.completion_ids.shape[1] for b in batches)
+    ids, attn, cmask, groups = [], [], [], []
+    offset = 0
+    for b in batches:
+        lp, rc = P - b.prompt_len, C - b.completion_ids.shape[1]
+        n = len(b)
+        ids.append(torch.cat([b.input_ids.new_full((n, lp), pad_id), b.input_ids, b.input_ids.new_full((n, rc), pad_id)], 1))
+        attn.append(torch.cat([b.attention_mask.new_zeros((n, lp)), b.attention_mask, b.attention_mask.new_zeros((n, rc))], 1))
+        cmask.append(torch.cat([b.completion_mask, b.completion_mask.new_zeros((n, rc))], 1))
+        _, renum = torch.unique(b.groups, return_inverse=True)
+        groups.append(renum + offset)
+        offset += int(renum.max()) + 1 if n else 0
+    return RolloutBatch(
+        input_ids=torch.cat(ids), attention_mask=torch.cat(attn), completion_mask=torch.cat(cmask),
+        prompt_len=P, groups=torch.cat(groups), prompts=[p for b in batches for p in b.prompts],
+        completions=[c for b in batches for c in b.completions], finished=[f for b in batches for f in b.finished],
+    )
+
+
+def select(batch: RolloutBatch, rows: Sequence[int]) -> RolloutBatch:
+    idx = torch.as_tensor(list(rows), dtype=torch.long, device=batch.input_ids.device)
+    return RolloutBatch(
+        input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
+        completion_mask=batch.completion_mask[idx], prompt_len=batch.prompt_len, groups=batch.groups[idx],
+        prompts=[batch.prompts[i] for i in rows], completions=[batch.completions[i] for i in rows],
+        finished=[batch.finished[i] for i in rows],
+    )
+
+
+def span_token_mask(tokenizer, completion_ids: torch.Tensor, spans: Sequence[Optional[tuple[int, int]]]) -> torch.Tensor:
+    """[B, C] mask of completion tokens overlapping each row's character span (none if None).
+
+    Offsets come from decoding growing prefixes, the same decoding that made the text the
+    span refers to."""
+    mask = torch.zeros(completion_ids.shape, dtype=torch.bool)
+    for i, span in enumerate(spans):
+        if span is None:
+            continue
+        ids = completion_ids[i].tolist()
+        prev = 0
+        for t in range(len(ids)):
+            end = len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True))
+            if end > span[0] and prev < span[1] and end > prev:
+                mask[i, t] = True
+            if prev >= span[1]:
+                break
+            prev = end
+    return mask.to(completion_ids.device)
 
 
 def render(tokenizer, prompt: Prompt) -> str:

@@ -6,6 +6,8 @@ tracking and a clean stop on Ctrl-C.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -21,12 +23,13 @@ import torch
 
 from envs import INVALID, make_env
 from runner import checkpoint as ckpt
-from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss, token_logprobs
+from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
+                               token_logprobs, top_entropy_mask)
 from runner.budget import CostMeter
 from runner.config import RunConfig, flatten, to_dict
 from runner.metrics import answer_distribution, entropy, tv_to_uniform
 from runner.models import load_policy
-from runner.rollout import RolloutBatch, make_rollout, position_ids, render
+from runner.rollout import RolloutBatch, concat, make_rollout, position_ids, render, select, span_token_mask
 from runner.shapers import shape
 from runner.tracking import Tracker
 
@@ -101,7 +104,11 @@ class Trainer:
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = make_env(cfg.env)
         self.rollout = make_rollout(cfg.rollout)
-        self.loss_cfg = LossConfig(cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.loss_agg, cfg.algo.entropy_coef)
+        a = cfg.algo
+        self.loss_cfg = LossConfig.from_algo(a)
+        e = a.entropy
+        self.adaptive = AdaptiveEntropy(e.coef, e.target, e.delta, e.coef_min, e.coef_max) if e.adaptive else None
+        self.ref_model = None
         self.history = History()
         self.step = 0
         self.tracker: Optional[Tracker] = None
@@ -126,6 +133,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay
         )
+        if a.kl.coef > 0:  # frozen copy of the starting policy, before any checkpoint is loaded
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         state = ckpt.load_latest(self.ckpt_dir)
         if state is not None:
             self.model.load_state_dict(state["model"])
@@ -134,6 +143,8 @@ class Trainer:
             self.step = state["step"]
             self.history = History(**state["history"])
             self.meter._carried = state.get("wall_seconds", 0.0)
+            if self.adaptive is not None and "entropy_coef" in state:
+                self.adaptive.coef = state["entropy_coef"]
             log.info("resumed from step %d", self.step)
 
     @property
@@ -164,60 +175,126 @@ class Trainer:
                                  "experiment": cfg.tracking.experiment})
 
     # -- one step ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def collect(self) -> "Collected":
+        """Sample, score and shape groups. With dynamic sampling, groups whose shaped rewards
+        are all equal (zero advantage, no signal) are dropped and more are sampled, up to
+        max_rounds; metrics describe every rollout sampled, training uses the kept ones."""
         cfg, env = self.cfg, self.env
+        ds = cfg.algo.dynamic_sampling
+        want = cfg.train.prompts_per_step
+        c = Collected()
+        kept: list[RolloutBatch] = []
+        n_kept = 0
+        for _ in range(ds.max_rounds if ds.enabled else 1):
+            c.rounds += 1
+            batch = self.rollout.generate(self.model, self.tok, env.prompts(self.step, want), cfg.algo.group_size)
+            scores = [env.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
+            groups = batch.groups.tolist()
+            shaped = shape(cfg.shaper.name, [s.reward for s in scores], [s.answer_key for s in scores], groups)
+            if cfg.algo.overlong.enabled:
+                o = cfg.algo.overlong
+                pen = overlong_penalty(batch.completion_lengths.cpu(), cfg.rollout.max_new_tokens, o.buffer, o.penalty)
+                shaped = [r + p for r, p in zip(shaped, pen.tolist())]
+            c.sampled.append((batch, scores, shaped))
+            if not ds.enabled:
+                kept, c.scores, c.shaped = [batch], scores, shaped
+                break
+            rows = []
+            for g in sorted(set(groups)):
+                idx = [i for i, x in enumerate(groups) if x == g]
+                if n_kept < want and max(shaped[i] for i in idx) > min(shaped[i] for i in idx):
+                    rows += idx
+                    n_kept += 1
+                else:
+                    c.dropped_groups += 1
+            if rows:
+                kept.append(select(batch, rows))
+                c.scores += [scores[i] for i in rows]
+                c.shaped += [shaped[i] for i in rows]
+            if n_kept >= want:
+                break
+        c.batch = concat(kept, self.tok.pad_token_id) if kept else None
+        return c
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = env.prompts(self.step, cfg.train.prompts_per_step)
-        batch = self.rollout.generate(self.model, self.tok, prompts, cfg.algo.group_size)
+        c = self.collect()
         t_gen = time.perf_counter()
-        scores = [env.score(p, c, f) for p, c, f in zip(batch.prompts, batch.completions, batch.finished)]
-        raw = [s.reward for s in scores]
-        keys = [s.answer_key for s in scores]
-        groups = batch.groups.tolist()
-        shaped = shape(cfg.shaper.name, raw, keys, groups)
-        adv = advantages(torch.tensor(shaped), batch.groups.cpu(), cfg.algo.scale_rewards, cfg.algo.adv_clip)
-        t_score = time.perf_counter()
-        train_m = self.update(batch, adv.to(self.device))
+        if c.batch is not None:
+            adv = advantages(torch.tensor(c.shaped), c.batch.groups.cpu(), cfg.algo.scale_rewards,
+                             cfg.algo.adv_clip, cfg.algo.baseline)
+            train_m = self.update(c.batch, adv.to(self.device), c.scores)
+        else:  # dynamic sampling found no group with any signal: nothing to learn from
+            train_m = {"train/skipped": 1.0}
         t_end = time.perf_counter()
 
+        scores = [s for _, sc, _ in c.sampled for s in sc]
+        raw = [s.reward for s in scores]
+        shaped = [r for _, _, sh in c.sampled for r in sh]
+        keys = [s.answer_key for s in scores]
+        lengths = torch.cat([b.completion_lengths.float().cpu() for b, _, _ in c.sampled])
+        finished = [f for b, _, _ in c.sampled for f in b.finished]
+        zero_var = [_zero_variance_frac(sh, b.groups.tolist()) for b, _, sh in c.sampled]
         m: dict[str, float] = {
             "reward/raw_mean": sum(raw) / len(raw),
             "reward/shaped_mean": sum(shaped) / len(shaped),
             "format/exact_rate": sum(s.exact_format for s in scores) / len(scores),
-            "completion/mean_length": batch.completion_lengths.float().mean().item(),
-            "completion/finished_rate": sum(batch.finished) / len(batch),
-            "groups/zero_variance_frac": _zero_variance_frac(shaped, groups),
+            "completion/mean_length": lengths.mean().item(),
+            "completion/finished_rate": sum(finished) / len(finished),
+            "groups/zero_variance_frac": sum(zero_var) / len(zero_var),
+            "groups/dropped": float(c.dropped_groups),
+            "groups/sampling_rounds": float(c.rounds),
             "time/step_s": t_end - t0,
             "time/generate_s": t_gen - t0,
-            "time/score_s": t_score - t_gen,
-            "time/train_s": t_end - t_score,
-            "throughput/tokens_per_s": batch.completion_lengths.sum().item() / (t_end - t0),
+            "time/train_s": t_end - t_gen,
+            "throughput/tokens_per_s": lengths.sum().item() / (t_end - t0),
             **train_m,
         }
         m.update(self.answer_metrics(keys, "answers"))
         self.history.train.append((self.step, self.answer_dist(keys)))
         return m
 
-    def update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list) -> dict[str, float]:
+        a = self.cfg.algo
         mask = batch.completion_mask
         norm = BatchNorm(tokens=float(mask.sum().clamp(min=1)), seqs=float(len(batch)),
                          max_len=float(self.cfg.rollout.max_new_tokens))
+        entropy_mask = None
+        if a.entropy.scope == "answer":
+            entropy_mask = span_token_mask(self.tok, batch.completion_ids, [s.answer_span for s in scores]) & mask
+        ref_logp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = sequence_logprobs(self.ref_model, batch)
         old_logp = None
+        loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
-        for it in range(self.cfg.algo.num_iterations):
+        for it in range(a.num_iterations):
             logp, ent = sequence_logprobs(self.model, batch)
             if old_logp is None:  # the policy that sampled: this first forward, detached
                 old_logp = logp.detach()
-            loss, stats = policy_loss(logp, old_logp, adv, mask, ent, self.loss_cfg, norm)
+                m = mask.bool()
+                token_entropy = ent.detach()[m].mean().item() if m.any() else 0.0
+                out["policy/token_entropy"] = token_entropy
+                if entropy_mask is not None:
+                    em = entropy_mask.bool()
+                    out["policy/answer_entropy"] = ent.detach()[em].mean().item() if em.any() else 0.0
+                if self.adaptive is not None:
+                    loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=self.adaptive.effective(token_entropy))
+                out["train/entropy_coef"] = loss_cfg.entropy_coef
+            pg_mask = top_entropy_mask(ent, mask, a.top_entropy_quantile)
+            loss, stats = policy_loss(logp, old_logp, adv, mask, ent, loss_cfg, norm, pg_mask=pg_mask,
+                                      entropy_mask=entropy_mask, ref_logp=ref_logp)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.algo.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
             self.opt.step()
-            if it == 0:
-                m = mask.bool()
-                out["policy/token_entropy"] = ent.detach()[m].mean().item() if m.any() else 0.0
             out.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item()})
             out.update({f"train/{k}": v.item() for k, v in stats.items()})
+        if self.adaptive is not None:
+            self.adaptive.update(out["policy/token_entropy"])
+            out["train/entropy_coef_next"] = self.adaptive.coef
         out["train/adv_abs_mean"] = adv.abs().mean().item()
         return out
 
@@ -290,6 +367,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "history": {"train": self.history.train, "eval": self.history.eval},
             "wall_seconds": self.meter.wall_seconds,
+            "entropy_coef": self.adaptive.coef if self.adaptive else None,
         }
         path = ckpt.save(self.ckpt_dir, self.step, payload, self.cfg.train.keep_checkpoints)
         if self.tracker:
@@ -387,6 +465,18 @@ class Trainer:
         console.print(f"output: {self.output_dir}   wall {self.meter.wall_seconds:.0f} s, "
                       f"{self.meter.device_hours:.4f} device-h, ${self.meter.usd:.4f}")
         return buf.getvalue()
+
+
+@dataclass
+class Collected:
+    """One step's rollouts: every round sampled (for metrics) and the kept training batch."""
+
+    sampled: list = field(default_factory=list)  # (batch, scores, shaped) per round
+    batch: Optional[RolloutBatch] = None
+    scores: list = field(default_factory=list)
+    shaped: list = field(default_factory=list)
+    dropped_groups: int = 0
+    rounds: int = 0
 
 
 def _zero_variance_frac(rewards: list[float], groups: list[int]) -> float:
