@@ -162,12 +162,16 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
+    # loop: prompt prefilled once per group, lean sampling loop; generate: model.generate
+    engine: str = "loop"
 
 
 @dataclass
 class TrainerConfig:
     name: str = "torch"
     device: str = "auto"
+    # Compute each group's shared prompt once in the training forward (same numbers, less work).
+    shared_prefix: bool = True
     # None leaves torch's default; see DESIGN.md on OpenMP spin-waiting.
     num_threads: Optional[int] = None
 
@@ -358,6 +362,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _one_of("rollout.engine", r.engine, ("loop", "generate"))
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

@@ -25,6 +25,9 @@ class RolloutBatch:
     prompts: list[Prompt]  # one per rollout
     completions: list[str]  # decoded completion text (special tokens dropped)
     finished: list[bool]  # stopped with EOS rather than by the length limit
+    # [B, C] log-probs of the sampled tokens under the untempered policy, from the
+    # sampling loop itself (None from `generate`): a check on the training forward.
+    sampler_logprobs: Optional[torch.Tensor] = None
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -125,13 +128,31 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-class HFRollout:
-    """Sampling with `model.generate` (the CPU default)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / T), optionally nucleus-truncated."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1).squeeze(-1)
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16):
+
+class HFRollout:
+    """Sampling from a transformers causal LM.
+
+    engine "loop" (default): prefill each distinct prompt once, copy its KV cache to the G
+    rollouts of its group, then a lean sampling loop (no logits processors, stops when all
+    rows hit EOS). engine "generate": `model.generate`, the reference path.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
+                 engine: str = "loop"):
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
+        self.engine = engine
 
     @torch.no_grad()
     def generate(
@@ -140,25 +161,28 @@ class HFRollout:
         device = next(model.parameters()).device
         texts = [render(tokenizer, p) for p in prompts]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
-        attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
         eos = eos_token_ids(model, tokenizer)
+        temperature = temperature or self.temperature
         was_training = model.training
         model.eval()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            do_sample=True,
-            temperature=temperature or self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.train(was_training)
+        try:
+            if self.engine == "generate":
+                ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
+                attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
+                out = model.generate(
+                    input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=self.top_p,
+                    top_k=0, max_new_tokens=self.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                )
+                comp = out[:, ids.shape[1]:]
+                sampler_logprobs = None
+            else:
+                comp, sampler_logprobs = self._sample_loop(model, enc["input_ids"], enc["attention_mask"],
+                                                           group_size, eos, tokenizer.pad_token_id, temperature)
+        finally:
+            model.train(was_training)
+        ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
+        attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
         prompt_len = ids.shape[1]
-        comp = out[:, prompt_len:]
         mask, finished = completion_mask(comp, eos)
         comp = torch.where(mask, comp, torch.full_like(comp, tokenizer.pad_token_id))
         full = torch.cat([ids, comp], dim=1)
@@ -174,10 +198,39 @@ class HFRollout:
             prompts=[p for p in prompts for _ in range(group_size)],
             completions=decoded,
             finished=finished.tolist(),
+            sampler_logprobs=sampler_logprobs,
         )
+
+    def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature) -> torch.Tensor:
+        pos = position_ids(prompt_attn)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+        attn = prompt_attn.repeat_interleave(group_size, dim=0)
+        next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
+        eos_t = torch.tensor(eos, device=logits.device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        tokens, logps = [], []
+        for t in range(self.max_new_tokens):
+            nxt = sample_next(logits, temperature, self.top_p)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens.append(nxt)
+            logps.append(torch.log_softmax(logits.float(), -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()) or t == self.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
 def make_rollout(cfg) -> HFRollout:
     if cfg.name == "hf":
-        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine)
     raise ValueError(f"rollout.name={cfg.name!r}: must be hf")

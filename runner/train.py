@@ -24,12 +24,13 @@ import torch
 from envs import INVALID, make_env
 from runner import checkpoint as ckpt
 from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
-                               token_logprobs, top_entropy_mask)
+                               top_entropy_mask)
 from runner.budget import CostMeter
 from runner.config import RunConfig, flatten, to_dict
+from runner.forward import sequence_logprobs
 from runner.metrics import answer_distribution, entropy, tv_to_uniform
 from runner.models import load_policy
-from runner.rollout import RolloutBatch, concat, make_rollout, position_ids, render, select, span_token_mask
+from runner.rollout import RolloutBatch, concat, make_rollout, render, select, span_token_mask
 from runner.shapers import shape
 from runner.tracking import Tracker
 
@@ -82,19 +83,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def sequence_logprobs(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of the completion tokens under the current policy."""
-    c = batch.completion_ids.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids(batch.attention_mask),
-        logits_to_keep=c + 1,
-        use_cache=False,
-    )
-    return token_logprobs(out.logits[:, :-1], batch.completion_ids)
 
 
 class Trainer:
@@ -266,12 +254,12 @@ class Trainer:
         ref_logp = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(self.ref_model, batch)
+                ref_logp, _ = sequence_logprobs(self.ref_model, batch, self.cfg.trainer.shared_prefix)
         old_logp = None
         loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
         for it in range(a.num_iterations):
-            logp, ent = sequence_logprobs(self.model, batch)
+            logp, ent = sequence_logprobs(self.model, batch, self.cfg.trainer.shared_prefix)
             if old_logp is None:  # the policy that sampled: this first forward, detached
                 old_logp = logp.detach()
                 m = mask.bool()

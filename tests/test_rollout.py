@@ -3,7 +3,7 @@ import torch
 from envs import Prompt
 from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss
 from runner.rollout import HFRollout, completion_mask, render
-from runner.train import sequence_logprobs
+from runner.forward import sequence_logprobs
 
 
 def test_completion_mask_stops_after_first_eos():

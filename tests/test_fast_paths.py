@@ -1,0 +1,87 @@
+"""Every fast path against its straightforward reference on the tiny model."""
+
+import pytest
+import torch
+
+from envs import Prompt
+from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss
+from runner.forward import sequence_logprobs
+from runner.rollout import HFRollout, concat, sample_next, select
+
+PROMPTS = [Prompt((("user", "roll a dice."),), "<answer>"),
+           Prompt((("user", "roll a dice, a fair one, please. output it in tags."),), "<answer>")]
+
+
+def batch(tiny, engine="loop", seed=0, n=8, group=3):
+    model, tok = tiny
+    torch.manual_seed(seed)
+    return HFRollout(max_new_tokens=n, engine=engine).generate(model, tok, PROMPTS, group)
+
+
+def test_shared_prefix_forward_equals_full_forward(tiny):
+    model, _ = tiny
+    b = batch(tiny)
+    model.eval()
+    with torch.no_grad():
+        full = sequence_logprobs(model, b, shared_prefix=False)
+        shared = sequence_logprobs(model, b, shared_prefix=True)
+    model.train()
+    m = b.completion_mask.bool()
+    torch.testing.assert_close(shared[0][m], full[0][m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1][m], full[1][m], atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_gradients_equal_full_ones(tiny):
+    model, _ = tiny
+    # rows from two rounds with different padding, as dynamic sampling builds them
+    b = concat([batch(tiny, seed=1), select(batch(tiny, seed=2), [3, 4, 5])], 0)
+    adv = advantages(torch.randn(len(b)), b.groups)
+    norm = BatchNorm(float(b.completion_mask.sum()), float(len(b)), 8.0)
+
+    def grads(shared):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, b, shared_prefix=shared)
+        loss, _ = policy_loss(logp, logp.detach() - 0.05, adv, b.completion_mask, ent,
+                              LossConfig(entropy_coef=0.01), norm)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    l_full, g_full = grads(False)
+    l_shared, g_shared = grads(True)
+    model.zero_grad()
+    assert l_shared == pytest.approx(l_full, rel=1e-5, abs=1e-6)
+    for a, b_ in zip(g_shared, g_full):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_loop_equals_generate_when_greedy(tiny):
+    model, tok = tiny
+    outs = []
+    for engine in ("loop", "generate"):
+        torch.manual_seed(0)
+        outs.append(HFRollout(temperature=1e-5, max_new_tokens=7, engine=engine).generate(model, tok, PROMPTS, 2))
+    loop, gen = outs
+    assert loop.completions == gen.completions
+    assert torch.equal(loop.completion_mask, gen.completion_mask)
+    n = min(loop.input_ids.shape[1], gen.input_ids.shape[1])
+    assert torch.equal(loop.input_ids[:, :n], gen.input_ids[:, :n])
+
+
+def test_sampling_loop_is_consistent_with_teacher_forcing(tiny):
+    """Sampled tokens must have the probabilities the policy gives them in training."""
+    model, _ = tiny
+    b = batch(tiny, seed=3)
+    model.eval()
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, b)
+    model.train()
+    m = b.completion_mask.bool()
+    torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
+    assert m[:, 0].all() and len(b) == 6
+
+
+def test_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = torch.stack([sample_next(logits, 1.0, 0.7) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 2 and 3 never drawn
