@@ -9,7 +9,7 @@ ARGS ?=
 
 SWEEP ?= shaper_ablation
 
-.PHONY: setup run sweep test ui clean-runs
+.PHONY: setup run sweep test bench ui clean-runs
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ sweep: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Our step vs TRL's GRPOTrainer, same settings (TRL is a benchmark-only extra)
+bench: setup
+	$(PY) -m pip install --quiet trl==1.16.0
+	$(PY) -m runner.bench $(ARGS)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --port 5000

@@ -172,6 +172,8 @@ class TrainerConfig:
     device: str = "auto"
     # Compute each group's shared prompt once in the training forward (same numbers, less work).
     shared_prefix: bool = True
+    # none | bf16: autocast forwards to bfloat16 (fp32 master weights and optimizer)
+    autocast: str = "none"
     # None leaves torch's default; see DESIGN.md on OpenMP spin-waiting.
     num_threads: Optional[int] = None
 
@@ -369,6 +371,7 @@ def _check_ranges(c: RunConfig) -> None:
 
     _one_of("trainer.name", c.trainer.name, ("torch",))
     _one_of("trainer.device", c.trainer.device, DEVICES)
+    _one_of("trainer.autocast", c.trainer.autocast, ("none", "bf16"))
     _check(c.trainer.num_threads is None or c.trainer.num_threads >= 1,
            "trainer.num_threads", c.trainer.num_threads, "must be >= 1 or null")
 

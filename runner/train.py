@@ -135,6 +135,12 @@ class Trainer:
                 self.adaptive.coef = state["entropy_coef"]
             log.info("resumed from step %d", self.step)
 
+    def autocast(self):
+        """bf16 autocast for forward passes when trainer.autocast=bf16 (weights, optimizer
+        state and the loss stay float32); a no-op otherwise."""
+        return torch.autocast(device_type=self.device, dtype=torch.bfloat16,
+                              enabled=self.cfg.trainer.autocast == "bf16")
+
     @property
     def ckpt_dir(self) -> Path:
         return self.output_dir / "checkpoints"
@@ -207,7 +213,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        c = self.collect()
+        with self.autocast():
+            c = self.collect()
         t_gen = time.perf_counter()
         if c.batch is not None:
             adv = advantages(torch.tensor(c.shaped), c.batch.groups.cpu(), cfg.algo.scale_rewards,
@@ -253,13 +260,16 @@ class Trainer:
             entropy_mask = span_token_mask(self.tok, batch.completion_ids, [s.answer_span for s in scores]) & mask
         ref_logp = None
         if self.ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 ref_logp, _ = sequence_logprobs(self.ref_model, batch, self.cfg.trainer.shared_prefix)
         old_logp = None
         loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
+        timing = {"time/forward_s": 0.0, "time/backward_s": 0.0, "time/optimizer_s": 0.0}
         for it in range(a.num_iterations):
-            logp, ent = sequence_logprobs(self.model, batch, self.cfg.trainer.shared_prefix)
+            t0 = time.perf_counter()
+            with self.autocast():
+                logp, ent = sequence_logprobs(self.model, batch, self.cfg.trainer.shared_prefix)
             if old_logp is None:  # the policy that sampled: this first forward, detached
                 old_logp = logp.detach()
                 m = mask.bool()
@@ -274,16 +284,23 @@ class Trainer:
             pg_mask = top_entropy_mask(ent, mask, a.top_entropy_quantile)
             loss, stats = policy_loss(logp, old_logp, adv, mask, ent, loss_cfg, norm, pg_mask=pg_mask,
                                       entropy_mask=entropy_mask, ref_logp=ref_logp)
+            t1 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            t2 = time.perf_counter()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
             self.opt.step()
+            t3 = time.perf_counter()
+            timing["time/forward_s"] += t1 - t0
+            timing["time/backward_s"] += t2 - t1
+            timing["time/optimizer_s"] += t3 - t2
             out.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item()})
             out.update({f"train/{k}": v.item() for k, v in stats.items()})
         if self.adaptive is not None:
             self.adaptive.update(out["policy/token_entropy"])
             out["train/entropy_coef_next"] = self.adaptive.coef
         out["train/adv_abs_mean"] = adv.abs().mean().item()
+        out.update(timing)
         return out
 
     # -- metrics -------------------------------------------------------------------------
@@ -307,7 +324,8 @@ class Trainer:
         policy's exact first-answer-token probabilities from one forward pass."""
         cfg, env = self.cfg, self.env
         prompt = env.prompts(self.step, 1)[0]
-        batch = self.rollout.generate(self.model, self.tok, [prompt], cfg.train.eval_samples, temperature=1.0)
+        with self.autocast():
+            batch = self.rollout.generate(self.model, self.tok, [prompt], cfg.train.eval_samples, temperature=1.0)
         scores = [env.score(prompt, c, f) for c, f in zip(batch.completions, batch.finished)]
         keys = [s.answer_key for s in scores]
         m = self.answer_metrics(keys, "eval/answers")

@@ -85,3 +85,15 @@ def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     draws = torch.stack([sample_next(logits, 1.0, 0.7) for _ in range(300)])
     assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 2 and 3 never drawn
+
+
+def test_bf16_autocast_logprobs_close_to_fp32(tiny):
+    model, _ = tiny
+    b = batch(tiny, seed=4)
+    m = b.completion_mask.bool()
+    with torch.no_grad():
+        ref, _ = sequence_logprobs(model, b, shared_prefix=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = sequence_logprobs(model, b, shared_prefix=True)
+    assert low.dtype == torch.float32  # log-softmax is done in fp32 whatever the autocast
+    assert (low[m] - ref[m]).abs().max() < 0.1

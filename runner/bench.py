@@ -1,0 +1,273 @@
+"""Step-time benchmark: our training step against TRL's GRPOTrainer on identical settings.
+
+    python -m runner.bench                       # default model, G=6, 24 new tokens, 6 steps x 3 repeats
+    python -m runner.bench --model tiny --steps 4 --repeats 1
+    make bench
+
+Each side runs in its own process (so peak RSS is that side's alone), the sides
+alternate, and the first step of every process is a warm-up that is not counted. It
+prints per-phase seconds, steps/s, generated tokens/s, peak RSS, ours/TRL ratios
+(min/median/max over repeats), and a "limit" line: the FLOPs of one step divided by this
+machine's matmul throughput, measured here. Not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = "roll a dice. output the roll in <answer></answer> tags."
+
+
+def _settings(a) -> list[str]:
+    return ["--model", a.model, "--group", str(a.group), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps),
+            "--seed", str(a.seed), "--threads", str(a.threads), "--device", a.device]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none"):
+    from runner.config import validate
+
+    model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
+    return validate({
+        "seed": a.seed,
+        "model": model,
+        "env": {"name": "even_dice"},
+        "shaper": {"name": "none"},
+        "algo": {"group_size": a.group, "lr": 5e-5},
+        "rollout": {"max_new_tokens": a.new_tokens, "engine": engine},
+        "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
+                    "autocast": autocast},
+        "train": {"prompts_per_step": 1},
+    })
+
+
+def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none") -> dict:
+    from pathlib import Path
+    import tempfile
+
+    from runner.train import Trainer
+
+    cfg = _config(a, engine, shared_prefix, autocast)
+    t = Trainer(cfg, Path(tempfile.mkdtemp()))
+    t.setup()
+    steps = []
+    for i in range(a.steps):
+        t.step += 1
+        m = t.train_step()
+        steps.append({
+            "generate": m["time/generate_s"], "forward": m.get("time/forward_s", 0.0),
+            "backward": m.get("time/backward_s", 0.0), "optimizer": m.get("time/optimizer_s", 0.0),
+            "step": m["time/step_s"], "tokens": m["completion/mean_length"] * a.group,
+            "reward": m["reward/raw_mean"],
+        })
+    for s in steps:
+        s["score+other"] = s["step"] - s["generate"] - s["forward"] - s["backward"] - s["optimizer"]
+    from runner.rollout import render
+
+    n_params = sum(p.numel() for p in t.model.parameters())
+    prompt_len = len(t.tok(render(t.tok, t.env.prompts(0, 1)[0]), add_special_tokens=False)["input_ids"])
+    return {"steps": steps, "rss_gb": _peak_rss_gb(), "n_params": n_params, "prompt_len": prompt_len}
+
+
+def run_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from envs import make_env
+    from runner.models import load_policy
+    from runner.rollout import render
+
+    cfg = _config(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    model, tok = load_policy(cfg.model, "cpu" if a.device == "cpu" else "cuda")
+    env = make_env(cfg.env)
+    prompt = env.prompts(0, 1)[0]
+    text = render(tok, prompt)
+
+    def reward(completions, **kw):
+        return [env.score(prompt, c, True).reward for c in completions]
+
+    times = {"generate": 0.0, "backward": 0.0, "optimizer": 0.0}
+    steps: list[dict] = []
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                times[name] += time.perf_counter() - t0
+        return wrapper
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            times.update(generate=0.0, backward=0.0, optimizer=0.0)
+            self.t0 = time.perf_counter()
+
+        def on_pre_optimizer_step(self, *args, **kw):
+            self.o0 = time.perf_counter()
+
+        def on_optimizer_step(self, *args, **kw):
+            times["optimizer"] += time.perf_counter() - self.o0
+
+        def on_step_end(self, *args, **kw):
+            step = time.perf_counter() - self.t0
+            steps.append({**times, "step": step, "forward": 0.0,
+                          "score+other": step - times["generate"] - times["backward"] - times["optimizer"]})
+
+    args = GRPOConfig(
+        output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl-bench"), num_generations=a.group,
+        per_device_train_batch_size=a.group, max_completion_length=a.new_tokens, max_steps=a.steps,
+        learning_rate=5e-5, temperature=1.0, beta=0.0, logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=a.device == "cpu", bf16=False, seed=a.seed, top_k=0, disable_tqdm=True,
+    )
+    ds = Dataset.from_dict({"prompt": [text] * (a.steps * a.group)})
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Clock()])
+    model.generate = timed("generate", model.generate)
+    trainer.accelerator.backward = timed("backward", trainer.accelerator.backward)
+    trainer.train()
+    # TRL's forward (old/ref log-probs and the loss forward) is inside score+other here
+    return {"steps": steps, "rss_gb": _peak_rss_gb()}
+
+
+def matmul_gflops(threads: int | None) -> dict:
+    """Measured throughput: a large square fp32 matmul (compute-bound peak) and a
+    decode-shaped one (batch x hidden @ hidden x vocab, bandwidth-bound)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = {}
+    for name, (m, k, n) in {"square_1024": (1024, 1024, 1024), "decode_6x576x49152": (6, 576, 49152)}.items():
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            x @ w
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            x @ w
+            reps += 1
+        out[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def step_flops(n_params: int, prompt_len: int, group: int, new_tokens: float) -> dict:
+    """2N FLOPs per token forward, 4N backward (attention terms are small at these lengths).
+    Generation: one prompt prefill plus G x new tokens decoded; training: shared prompt
+    once plus G completions, forward and backward."""
+    gen_tokens = prompt_len + group * new_tokens
+    train_tokens = prompt_len + group * new_tokens
+    return {"generate": 2 * n_params * gen_tokens, "forward": 2 * n_params * train_tokens,
+            "backward": 4 * n_params * train_tokens}
+
+
+SIDES = {
+    "ours": lambda a: run_ours(a),
+    "ours_bf16": lambda a: run_ours(a, autocast="bf16"),
+    # the straightforward path: transformers generate, full forward per rollout
+    "ours_reference": lambda a: run_ours(a, "generate", False),
+    "trl": lambda a: run_trl(a),
+}
+
+
+def child(a) -> None:
+    res = SIDES[a.side](a)
+    print("BENCH_JSON " + json.dumps(res))
+
+
+def _spawn(side: str, a) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "runner.bench", "--side", side, *_settings(a)], env=env,
+                       capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    raise RuntimeError(f"{side} failed:\n{p.stderr[-4000:]}")
+
+
+PHASES = ["generate", "forward", "backward", "optimizer", "score+other", "step"]
+
+
+def summarise(res: dict, group: int) -> dict:
+    steps = res["steps"][1:] or res["steps"]  # first step is warm-up
+    out = {k: statistics.mean(s.get(k, 0.0) for s in steps) for k in PHASES}
+    out["steps_per_s"] = 1 / out["step"]
+    toks = [s.get("tokens") for s in steps if s.get("tokens") is not None]
+    out["gen_tokens_per_s"] = (statistics.mean(toks) / out["generate"]) if toks else float("nan")
+    out["new_tokens"] = statistics.mean(toks) / group if toks else float("nan")
+    out["rss_gb"] = res["rss_gb"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
+    p.add_argument("--group", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sides", default="ours,trl", help=f"comma list of {', '.join(SIDES)}")
+    a = p.parse_args(argv)
+    if a.side:
+        child(a)
+        return 0
+    sides = a.sides.split(",")
+    print(f"bench: model={a.model} G={a.group} new_tokens={a.new_tokens} steps={a.steps} (first is warm-up) "
+          f"repeats={a.repeats} threads={a.threads} device={a.device}", flush=True)
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    meta = {}
+    for r in range(a.repeats):
+        for s in sides:
+            res = _spawn(s, a)
+            if "n_params" in res:
+                meta = res
+            runs[s].append(summarise(res, a.group))
+            print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step", flush=True)
+    print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
+    for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "rss_gb"]:
+        print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))
+    if "trl" in sides:
+        for s in sides:
+            if s == "trl":
+                continue
+            ratios = sorted(t["step"] / o["step"] for o, t in zip(runs[s], runs["trl"]))
+            print(f"\nspeed-up {s} vs TRL (TRL s/step / ours): min {ratios[0]:.2f}x  median "
+                  f"{statistics.median(ratios):.2f}x  max {ratios[-1]:.2f}x")
+            print(f"peak RSS {s}/TRL: {statistics.median(x['rss_gb'] for x in runs[s]) / statistics.median(x['rss_gb'] for x in runs['trl']):.2f}")
+    if meta:
+        g = matmul_gflops(a.threads)
+        ours = runs[sides[0]]
+        new_tokens = statistics.median(x["new_tokens"] for x in ours)
+        fl = step_flops(meta["n_params"], meta["prompt_len"], a.group, new_tokens)
+        peak = g["square_1024"]
+        print(f"\nmatmul throughput here: {g['square_1024']:.1f} GFLOP/s (1024^3 fp32), "
+              f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped 6x576 @ 576x49152)")
+        print(f"limit (FLOPs / {peak:.0f} GFLOP/s, {meta['n_params'] / 1e6:.1f}M params, prompt {meta['prompt_len']} tokens, "
+              f"{new_tokens:.1f} new tokens (mean) x {a.group}):")
+        for k, f in fl.items():
+            got = statistics.median(x[k] for x in ours)
+            lim = f / peak / 1e9
+            print(f"  {k:<10} limit {lim:.3f} s   {sides[0]} {got:.3f} s   ({got / lim:.1f}x the limit)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
