@@ -49,6 +49,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 MODEL_SOURCES = ("gguf", "tiny", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+HARDWARE = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "hardware").glob("*.yaml")))
 
 
 @dataclass
@@ -185,6 +186,10 @@ class BudgetConfig:
     usd_per_device_hour: float = 0.0
     devices: int = 1
     cap_usd: Optional[float] = None
+    estimate_only: bool = False
+    estimate_steps: int = 3
+    sweep_cap_usd: Optional[float] = None
+    job_estimate_usd: Optional[float] = None
 
 
 @dataclass
@@ -211,6 +216,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    objective: str = "eval/prob/tv_uniform_valid"
     output_dir: str = "outputs"
     env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -379,6 +385,11 @@ def _check_ranges(c: RunConfig) -> None:
     _check(b.usd_per_device_hour >= 0, "budget.usd_per_device_hour", b.usd_per_device_hour, "must be >= 0")
     _check(b.devices >= 1, "budget.devices", b.devices, "must be >= 1")
     _check(b.cap_usd is None or b.cap_usd > 0, "budget.cap_usd", b.cap_usd, "must be > 0 or null")
+    _one_of("budget.hardware", b.hardware, HARDWARE)
+    _check(b.estimate_steps >= 1, "budget.estimate_steps", b.estimate_steps, "must be >= 1")
+    _check(b.sweep_cap_usd is None or b.sweep_cap_usd > 0, "budget.sweep_cap_usd", b.sweep_cap_usd, "must be > 0 or null")
+    _check(b.job_estimate_usd is None or b.job_estimate_usd >= 0, "budget.job_estimate_usd", b.job_estimate_usd,
+           "must be >= 0 or null")
 
     _one_of("tracking.name", c.tracking.name, ("mlflow",))
     _check(c.tracking.flush_every >= 1, "tracking.flush_every", c.tracking.flush_every, "must be >= 1")

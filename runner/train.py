@@ -25,7 +25,7 @@ from envs import INVALID, make_env
 from runner import checkpoint as ckpt
 from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
                                top_entropy_mask)
-from runner.budget import CostMeter
+from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig, flatten, to_dict
 from runner.forward import sequence_logprobs
 from runner.metrics import answer_distribution, entropy, tv_to_uniform
@@ -86,8 +86,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, output_dir: Path, meter: Optional[CostMeter] = None):
+    def __init__(self, cfg: RunConfig, output_dir: Path, meter: Optional[CostMeter] = None,
+                 ledger: Optional[SweepLedger] = None, job_id: str = "0"):
         self.cfg = cfg
+        self.ledger, self.job_id = ledger, job_id
+        self.eval_seconds = 0.0
+        self.last_eval_step = -1
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = make_env(cfg.env)
@@ -102,6 +106,7 @@ class Trainer:
         self.tracker: Optional[Tracker] = None
         self.last_eval: Optional[dict[str, Any]] = None
         self.stop_reason: Optional[str] = None
+        self.final_metrics: dict[str, float] = {}
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -130,7 +135,7 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             self.step = state["step"]
             self.history = History(**state["history"])
-            self.meter._carried = state.get("wall_seconds", 0.0)
+            self.meter.carry(state.get("wall_seconds", 0.0))
             if self.adaptive is not None and "entropy_coef" in state:
                 self.adaptive.coef = state["entropy_coef"]
             log.info("resumed from step %d", self.step)
@@ -145,7 +150,8 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def open_tracking(self, config_yaml: str) -> None:
+    def open_tracking(self, config_yaml: str, parent_run_id: Optional[str] = None,
+                      extra_tags: Optional[dict[str, str]] = None) -> None:
         cfg = self.cfg
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         state_path = self.output_dir / STATE_FILE
@@ -160,9 +166,10 @@ class Trainer:
             "shaper": cfg.shaper.name,
             "model": cfg.model.name,
             "output_dir": str(self.output_dir),
+            **(extra_tags or {}),
         }
         name = cfg.tracking.run_name or f"{cfg.env.name}-{cfg.algo.name}-{cfg.shaper.name}-s{cfg.seed}"
-        self.tracker.start(name, tags, parent_run_id=os.environ.get("RUNNER_PARENT_RUN_ID"))
+        self.tracker.start(name, tags, parent_run_id=parent_run_id)
         self.tracker.log_params(flatten(to_dict(cfg)))
         self.tracker.log_text(config_yaml, "config/config.yaml")
         _write_json(state_path, {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
@@ -323,6 +330,7 @@ class Trainer:
         """Sample eval_samples completions at T=1; where answers are finite, also read the
         policy's exact first-answer-token probabilities from one forward pass."""
         cfg, env = self.cfg, self.env
+        t_start = time.perf_counter()
         prompt = env.prompts(self.step, 1)[0]
         with self.autocast():
             batch = self.rollout.generate(self.model, self.tok, [prompt], cfg.train.eval_samples, temperature=1.0)
@@ -343,6 +351,9 @@ class Trainer:
         self.history.eval.append((self.step, self.answer_dist(keys)))
         self.last_eval = {"dist": self.answer_dist(keys), "probs": probs, "scores": scores,
                           "completions": batch.completions, "prompt": prompt}
+        self.eval_seconds = time.perf_counter() - t_start
+        self.last_eval_step = self.step
+        m["time/eval_s"] = self.eval_seconds
         return m
 
     def answer_probabilities(self, prompt) -> dict[str, float]:
@@ -381,8 +392,16 @@ class Trainer:
         return path
 
     # -- the loop ------------------------------------------------------------------------
+    def cap(self) -> Optional[float]:
+        """What this job may spend in all: its own cap, and within a sweep with a shared cap,
+        no more than the sweep cap minus what the other jobs have spent."""
+        caps = [c for c in (self.cfg.budget.cap_usd,) if c is not None]
+        if self.ledger is not None:
+            caps.append(self.ledger.cap_usd - self.ledger.others_spent(self.job_id))
+        return min(caps) if caps else None
+
     def fit(self, stop: StopFlag) -> str:
-        """Train to train.steps; returns why it stopped: completed or a signal name."""
+        """Train to train.steps; returns why it stopped: completed, budget or a signal name."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -393,12 +412,18 @@ class Trainer:
             while self.step < total:
                 if stop.reason:
                     return stop.reason
+                if self.meter.would_exceed(self.cap()):
+                    return "budget"
+                t0 = time.perf_counter()
                 self.step += 1
                 m = self.train_step()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     m.update(self.evaluate())
                 m.update(self.meter.metrics())
+                if self.ledger is not None:
+                    m["cost/sweep_usd"] = self.ledger.charge(self.job_id, self.meter.usd)
                 self.tracker.log_metrics(m, self.step)
+                self.final_metrics.update(m)
                 bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m['answers/entropy']:.2f}",
                                 valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
@@ -406,22 +431,35 @@ class Trainer:
                     self.save_checkpoint()
                 elif self.step % cfg.tracking.flush_every == 0:
                     self.tracker.flush()
+                self.meter.record_step(time.perf_counter() - t0)
             return "completed"
         finally:
             bar.close()
 
     def finish(self, reason: str) -> None:
-        """Final evaluation, checkpoint and artifacts; status FINISHED or KILLED."""
-        if reason == "completed":
-            self.tracker.log_metrics(self.evaluate(), self.step)
+        """Final evaluation, checkpoint and artifacts; status FINISHED (completed, or stopped
+        by the budget) or KILLED (a signal). Under a budget stop the final evaluation runs
+        only if it still fits; the checkpoint is always written."""
+        eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.eval_seconds or None)
+        due = self.last_eval_step != self.step and self.step > 0
+        if due and (reason == "completed" or (reason == "budget" and eval_fits)):
+            m = self.evaluate()
+            self.tracker.log_metrics(m, self.step)
+            self.final_metrics.update(m)
         self.save_checkpoint()
+        if reason == "budget":
+            print(f"budget: stopped after step {self.step} of {self.cfg.train.steps}: spent ${self.meter.usd:.4f} "
+                  f"of the ${self.cap():.4f} cap; the next step would take ~${self.meter.usd_for(self.meter.next_step_seconds()):.4f}",
+                  file=sys.stderr)
+        if self.ledger is not None:
+            self.ledger.finish(self.job_id, self.meter.usd)
         # totals including the final evaluation, as tags: the step's cost metrics are logged already
         self.tracker.set_tags({"stop_reason": reason, "final_step": self.step,
                                "total_wall_s": f"{self.meter.wall_seconds:.1f}",
                                "total_device_hours": f"{self.meter.device_hours:.5f}",
                                "total_usd": f"{self.meter.usd:.4f}"})
         self.log_artifacts()
-        self.tracker.end("FINISHED" if reason == "completed" else "KILLED")
+        self.tracker.end("FINISHED" if reason in ("completed", "budget") else "KILLED")
 
     def log_artifacts(self) -> None:
         from runner.plots import distribution_over_steps
@@ -492,15 +530,53 @@ def _zero_variance_frac(rewards: list[float], groups: list[int]) -> float:
     return sum(max(v) == min(v) for v in by.values()) / max(len(by), 1)
 
 
-def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None) -> Trainer:
+def estimate(trainer: Trainer) -> dict[str, float]:
+    """Time a few warm-up steps and one evaluation; project the configured run's time and
+    cost. Nothing is logged or checkpointed."""
+    cfg = trainer.cfg
+    n = cfg.budget.estimate_steps
+    startup = trainer.meter.wall_seconds
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        trainer.step += 1
+        trainer.train_step()
+        times.append(time.perf_counter() - t0)
+    step_s = sum(times[1:]) / (n - 1) if n > 1 else times[0]  # the first step is a warm-up
+    trainer.evaluate()
+    evals = (cfg.train.steps - 1) // cfg.train.eval_every + 1 if cfg.train.eval_every else 1
+    total = startup + step_s * cfg.train.steps + trainer.eval_seconds * evals
+    usd = trainer.meter.usd_for(total)
+    cap = trainer.cap()
+    est = {"startup_s": startup, "step_s": step_s, "eval_s": trainer.eval_seconds, "steps": cfg.train.steps,
+           "evals": evals, "total_s": total, "device_hours": total * cfg.budget.devices / 3600, "usd": usd,
+           "cap_usd": cap, "fits": cap is None or usd <= cap}
+    b = cfg.budget
+    print(f"estimate ({b.hardware}, {b.devices} device(s) at ${b.usd_per_device_hour:g}/device-hour, "
+          f"from {n} timed steps):\n"
+          f"  start-up {startup:.1f} s, {step_s:.2f} s/step x {cfg.train.steps} steps, "
+          f"{trainer.eval_seconds:.1f} s/eval x {evals}\n"
+          f"  projected {total / 60:.1f} min, {est['device_hours']:.4f} device-hours, ${usd:.4f}"
+          f" -> {'fits' if est['fits'] else 'does NOT fit'} the cap "
+          f"{'(none)' if cap is None else f'${cap:.4f}'}")
+    return est
+
+
+def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None,
+        ledger: Optional[SweepLedger] = None, job_id: str = "0", parent_run_id: Optional[str] = None,
+        extra_tags: Optional[dict[str, str]] = None) -> Trainer:
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
-    that says how it ended: FINISHED, KILLED (signal) or FAILED (exception)."""
+    that says how it ended: FINISHED (completed or budget), KILLED (signal) or FAILED."""
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s (env=%s algo=%s shaper=%s model=%s)", output_dir, cfg.env.name, cfg.algo.name,
              cfg.shaper.name, cfg.model.name)
-    trainer = Trainer(cfg, output_dir, meter)
+    trainer = Trainer(cfg, output_dir, meter, ledger, job_id)
     trainer.setup()
-    trainer.open_tracking(config_yaml)
+    if cfg.budget.estimate_only:
+        trainer.estimate = estimate(trainer)
+        trainer.stop_reason = "estimate"
+        return trainer
+    trainer.open_tracking(config_yaml, parent_run_id, extra_tags)
     (output_dir / "config.yaml").write_text(config_yaml)
     with StopFlag() as stop:
         try:
