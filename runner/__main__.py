@@ -52,13 +52,16 @@ def main(cfg: DictConfig) -> Optional[float]:
                 skip(run_cfg, parent_id, tags, why)
                 return math.nan
 
-    from runner.train import run
+    from runner.train import NonFiniteError, run
 
     try:
         trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the run is marked KILLED", file=sys.stderr)
         sys.exit(130)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if trainer.stop_reason not in ("completed", "budget", "estimate"):
         print(f"stopped by {trainer.stop_reason} at step {trainer.step}: checkpoint written, run marked KILLED; "
               f"the same command resumes it", file=sys.stderr)

@@ -1,12 +1,15 @@
 """Checkpoints: policy weights, optimizer, step, RNG streams and run state, written atomically.
 
-A checkpoint is written to a temporary file and renamed into place, so a crash mid-write
-never leaves a half file under a real name. Loading walks back from the newest and skips
-any file that does not load, so one bad file costs at most `checkpoint_every` steps.
+A checkpoint is written to a temporary file, fsynced and renamed into place, so a crash
+mid-write never leaves a half file under a real name; its SHA-256 goes in a sidecar file.
+Loading walks back from the newest, verifies the digest, and skips (with a warning) any
+file that is corrupt, truncated or unloadable, so one bad file costs at most
+`checkpoint_every` steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -57,16 +60,36 @@ def save(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path
         torch.save({**payload, "step": step}, f)
         f.flush()
         os.fsync(f.fileno())
+    digest = _sha256(tmp)
     os.replace(tmp, final)
+    side_tmp = final.with_name(f".{final.name}.sha256.tmp")
+    side_tmp.write_text(digest)
+    os.replace(side_tmp, _sidecar(final))
     for _, old in checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+        _sidecar(old).unlink(missing_ok=True)
     return final
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_latest(directory: Path) -> Optional[dict[str, Any]]:
     """The newest checkpoint that loads, or None. Unloadable files are reported and skipped."""
     for step, path in reversed(checkpoints(directory)):
         try:
+            side = _sidecar(path)
+            if side.exists() and side.read_text().strip() != _sha256(path):
+                raise ValueError("SHA-256 does not match the one written with it")
             data = torch.load(path, map_location="cpu", weights_only=False)
             if data.get("step") != step:
                 raise ValueError(f"file says step {data.get('step')}")

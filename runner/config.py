@@ -208,9 +208,13 @@ class TrainConfig:
     prompts_per_step: int = 2
     eval_every: int = 10
     eval_samples: int = 96
-    checkpoint_every: int = 25
+    checkpoint_every: int = 10
     keep_checkpoints: int = 2
     sample_table_rows: int = 24
+    # Stop after this many updates in a row with a non-finite loss or gradient (each is skipped).
+    max_nonfinite_steps: int = 3
+    # zero: a reward function that raises gives that rollout reward 0 (counted, logged); fail: stop.
+    on_reward_error: str = "zero"
 
 
 @dataclass
@@ -401,6 +405,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.eval_samples >= 1, "train.eval_samples", t.eval_samples, "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
+    _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
 
 

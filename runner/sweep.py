@@ -49,6 +49,7 @@ class MlflowSweepCallback(Callback):
         tracker.start(f"sweep {sweep_dir.name}", {"runner.sweep": "parent", "sweep_dir": str(sweep_dir.resolve()),
                                                   "overrides": overrides, "sweeper": str(config.hydra.sweeper._target_)})
         tracker.log_text(json.dumps(params, indent=2), "sweep_params.json")
+        tracker.flush()
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri,
                                                          "experiment": experiment}))
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from envs import INVALID, make_env
+from envs import INVALID, Score, make_env
 from runner import checkpoint as ckpt
 from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
                                top_entropy_mask)
@@ -37,6 +37,10 @@ from runner.tracking import Tracker
 log = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row (train.max_nonfinite_steps)."""
 
 
 class StopFlag:
@@ -92,6 +96,9 @@ class Trainer:
         self.ledger, self.job_id = ledger, job_id
         self.eval_seconds = 0.0
         self.last_eval_step = -1
+        self.last_ckpt_step = 0
+        self.reward_errors = 0
+        self.nonfinite_streak = self.nonfinite_total = 0
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = make_env(cfg.env)
@@ -133,9 +140,11 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             ckpt.set_rng_state(state["rng"])
-            self.step = state["step"]
+            self.step = self.last_ckpt_step = state["step"]
             self.history = History(**state["history"])
             self.meter.carry(state.get("wall_seconds", 0.0))
+            for k, v in state.get("counters", {}).items():
+                setattr(self, k, v)
             if self.adaptive is not None and "entropy_coef" in state:
                 self.adaptive.coef = state["entropy_coef"]
             log.info("resumed from step %d", self.step)
@@ -152,12 +161,21 @@ class Trainer:
 
     def open_tracking(self, config_yaml: str, parent_run_id: Optional[str] = None,
                       extra_tags: Optional[dict[str, str]] = None) -> None:
+        """A new MLflow run, or the same run again when this output dir has one (its id is
+        in run_state.json, or, if MLflow was down so far, its creation is still spooled)."""
         cfg = self.cfg
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         state_path = self.output_dir / STATE_FILE
         prior = json.loads(state_path.read_text()) if state_path.exists() else {}
-        if prior.get("run_id") and prior.get("tracking_uri") == self.tracker.uri:
-            self.tracker.resume(prior["run_id"])
+
+        def remember(run_id: str) -> None:
+            _write_json(state_path, {"run_id": run_id, "tracking_uri": self.tracker.uri,
+                                     "experiment": cfg.tracking.experiment})
+
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, self.output_dir, on_run_created=remember)
+        same_store = prior.get("tracking_uri") in (None, self.tracker.uri)
+        spooled_create = any(o["op"] == "create" for o in self.tracker._ops)
+        if same_store and (prior.get("run_id") or spooled_create):
+            self.tracker.resume(prior.get("run_id"), upto_step=self.step)
             self.tracker.log_text(config_yaml, f"config/resumed_at_step_{self.step}.yaml")
             return
         tags = {
@@ -172,8 +190,6 @@ class Trainer:
         self.tracker.start(name, tags, parent_run_id=parent_run_id)
         self.tracker.log_params(flatten(to_dict(cfg)))
         self.tracker.log_text(config_yaml, "config/config.yaml")
-        _write_json(state_path, {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
-                                 "experiment": cfg.tracking.experiment})
 
     # -- one step ------------------------------------------------------------------------
     def collect(self) -> "Collected":
@@ -189,7 +205,7 @@ class Trainer:
         for _ in range(ds.max_rounds if ds.enabled else 1):
             c.rounds += 1
             batch = self.rollout.generate(self.model, self.tok, env.prompts(self.step, want), cfg.algo.group_size)
-            scores = [env.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
+            scores = [self.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
             groups = batch.groups.tolist()
             shaped = shape(cfg.shaper.name, [s.reward for s in scores], [s.answer_key for s in scores], groups)
             if cfg.algo.overlong.enabled:
@@ -216,6 +232,22 @@ class Trainer:
                 break
         c.batch = concat(kept, self.tok.pad_token_id) if kept else None
         return c
+
+    def score(self, prompt, completion: str, finished: bool) -> Score:
+        """env.score, except that a reward function that raises costs that one rollout
+        (reward 0, counted, its text kept in reward_errors.jsonl), not the run, unless
+        train.on_reward_error=fail."""
+        try:
+            return self.env.score(prompt, completion, finished)
+        except Exception as e:
+            if self.cfg.train.on_reward_error == "fail":
+                raise
+            self.reward_errors += 1
+            rec = {"step": self.step, "error": f"{type(e).__name__}: {e}", "completion": completion}
+            with open(self.output_dir / "reward_errors.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log.warning("reward function raised on a rollout at step %d (%s); reward 0", self.step, rec["error"])
+            return Score(reward=0.0, answer_key=INVALID, exact_format=False)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -253,6 +285,7 @@ class Trainer:
             "throughput/tokens_per_s": lengths.sum().item() / (t_end - t0),
             **train_m,
         }
+        m["errors/reward_total"] = float(self.reward_errors)
         m.update(self.answer_metrics(keys, "answers"))
         self.history.train.append((self.step, self.answer_dist(keys)))
         return m
@@ -293,10 +326,17 @@ class Trainer:
                                       entropy_mask=entropy_mask, ref_logp=ref_logp)
             t1 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
             t2 = time.perf_counter()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-            self.opt.step()
+            finite = finite and bool(torch.isfinite(grad_norm))
+            if finite:
+                self.opt.step()
+            else:  # never let a NaN/inf reach the weights (or a checkpoint)
+                self.opt.zero_grad(set_to_none=True)
+            self.count_nonfinite(finite)
             t3 = time.perf_counter()
             timing["time/forward_s"] += t1 - t0
             timing["time/backward_s"] += t2 - t1
@@ -307,8 +347,23 @@ class Trainer:
             self.adaptive.update(out["policy/token_entropy"])
             out["train/entropy_coef_next"] = self.adaptive.coef
         out["train/adv_abs_mean"] = adv.abs().mean().item()
+        out["train/nonfinite_total"] = float(self.nonfinite_total)
         out.update(timing)
         return out
+
+    def count_nonfinite(self, finite: bool) -> None:
+        if finite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)", self.step,
+                    self.nonfinite_streak)
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} updates in a row had a non-finite loss or gradient (step {self.step}); "
+                f"stopping (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}). The weights and the "
+                f"checkpoint are from the last finite update: try a lower algo.lr or algo.max_grad_norm.")
 
     # -- metrics -------------------------------------------------------------------------
     def answer_dist(self, keys: list[str]) -> dict[str, float]:
@@ -385,10 +440,12 @@ class Trainer:
             "history": {"train": self.history.train, "eval": self.history.eval},
             "wall_seconds": self.meter.wall_seconds,
             "entropy_coef": self.adaptive.coef if self.adaptive else None,
+            "counters": {"reward_errors": self.reward_errors, "nonfinite_total": self.nonfinite_total},
         }
         path = ckpt.save(self.ckpt_dir, self.step, payload, self.cfg.train.keep_checkpoints)
+        self.last_ckpt_step = self.step
         if self.tracker:
-            self.tracker.flush()
+            self.tracker.flush(upto_step=self.step)
         return path
 
     # -- the loop ------------------------------------------------------------------------
@@ -430,7 +487,9 @@ class Trainer:
                 if self.step % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint()
                 elif self.step % cfg.tracking.flush_every == 0:
-                    self.tracker.flush()
+                    # metrics past the last checkpoint wait for the next one (a crash would
+                    # recompute those steps); this sends the rest and retries if offline
+                    self.tracker.flush(upto_step=self.last_ckpt_step)
                 self.meter.record_step(time.perf_counter() - t0)
             return "completed"
         finally:
@@ -472,6 +531,8 @@ class Trainer:
                                            self.env.valid_answers or keys, art / "answer_distribution.png",
                                            f"{self.cfg.env.name} / {self.cfg.shaper.name}")
             self.tracker.log_artifact(plot)
+        if (self.output_dir / "reward_errors.jsonl").exists():
+            self.tracker.log_artifact(self.output_dir / "reward_errors.jsonl")
         if self.last_eval:
             rows = ["| # | completion | answer | reward |", "|---|---|---|---|"]
             ev = self.last_eval
@@ -583,15 +644,20 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             trainer.stop_reason = trainer.fit(stop)
             trainer.finish(trainer.stop_reason)
         except KeyboardInterrupt:
-            trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": trainer.step})
-            trainer.tracker.end("KILLED")
+            trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": trainer.last_ckpt_step})
+            trainer.tracker.end("KILLED", upto_step=trainer.last_ckpt_step)
+            raise
+        except NonFiniteError as e:
+            trainer.save_checkpoint()  # the weights are the last finite ones
+            trainer.tracker.set_tags({"stop_reason": "nonfinite", "final_step": trainer.step, "error": str(e)[:500]})
+            trainer.tracker.end("FAILED")
             raise
         except BaseException:
             tb = traceback.format_exc()
             try:
                 trainer.tracker.set_tags({"stop_reason": "error"})
                 trainer.tracker.log_text(tb, "traceback.txt")
-                trainer.tracker.end("FAILED")
+                trainer.tracker.end("FAILED", upto_step=trainer.last_ckpt_step)
             finally:
                 raise
     print(trainer.summary())

@@ -68,7 +68,7 @@ def test_run_logs_config_metrics_and_artifacts(trained):
 def test_checkpoint_resumes_into_the_same_run(trained):
     tmp, _ = trained
     out = tmp / "out"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
     run_id = json.loads((out / "run_state.json").read_text())["run_id"]
     r = run_cli([*FAST, "train.steps=5", f"output_dir={out}"], cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
