@@ -34,7 +34,8 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none"):
+def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
+            rollout_dtype: str = "auto"):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -44,20 +45,21 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "env": {"name": "even_dice"},
         "shaper": {"name": "none"},
         "algo": {"group_size": a.group, "lr": 5e-5},
-        "rollout": {"max_new_tokens": a.new_tokens, "engine": engine},
+        "rollout": {"max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
                     "autocast": autocast},
         "train": {"prompts_per_step": 1},
     })
 
 
-def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none") -> dict:
+def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
+             rollout_dtype: str = "auto") -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype)
     t = Trainer(cfg, Path(tempfile.mkdtemp()))
     t.setup()
     steps = []
@@ -177,9 +179,10 @@ def step_flops(n_params: int, prompt_len: int, group: int, new_tokens: float) ->
 
 SIDES = {
     "ours": lambda a: run_ours(a),
+    "ours_fp32_rollout": lambda a: run_ours(a, rollout_dtype="float32"),
     "ours_bf16": lambda a: run_ours(a, autocast="bf16"),
     # the straightforward path: transformers generate, full forward per rollout
-    "ours_reference": lambda a: run_ours(a, "generate", False),
+    "ours_reference": lambda a: run_ours(a, "generate", False, rollout_dtype="float32"),
     "trl": lambda a: run_trl(a),
 }
 

@@ -165,6 +165,8 @@ class RolloutConfig:
     max_new_tokens: int = 16
     # loop: prompt prefilled once per group, lean sampling loop; generate: model.generate
     engine: str = "loop"
+    # Weights rollouts sample from: auto (bfloat16 where native), float32 or bfloat16.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -375,6 +377,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _one_of("rollout.engine", r.engine, ("loop", "generate"))
+    _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

@@ -97,3 +97,20 @@ def test_bf16_autocast_logprobs_close_to_fp32(tiny):
             low, _ = sequence_logprobs(model, b, shared_prefix=True)
     assert low.dtype == torch.float32  # log-softmax is done in fp32 whatever the autocast
     assert (low[m] - ref[m]).abs().max() < 0.1
+
+
+def test_bf16_rollout_copy_stays_in_sync_with_the_policy(tiny):
+    from runner.train import rollout_copy, sync_rollout_weights
+
+    model, _ = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    copy_ = rollout_copy(model, "bfloat16", "cpu")
+    assert copy_ is not model and next(copy_.parameters()).dtype == torch.bfloat16
+    assert rollout_copy(model, "float32", "cpu") is model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    sync_rollout_weights(copy_, model)
+    for r, p in zip(copy_.parameters(), model.parameters()):
+        assert torch.equal(r, p.to(torch.bfloat16))
+    model.load_state_dict(state)
