@@ -111,9 +111,11 @@ def test_estimate_only_projects_and_logs_nothing(tmp_path, capsys):
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_two_job_sweep_is_one_parent_with_two_children(tmp_path, launcher):
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     r = run_cli(["-m", "model=tiny", "train.steps=2", "train.eval_samples=4", "rollout.max_new_tokens=4",
-                 "shaper=none,divisor"], cwd=tmp_path)
+                 "shaper=none,divisor", *extra], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = c.search_runs([c.get_experiment_by_name("runner").experiment_id])
@@ -138,3 +140,12 @@ def test_sweep_budget_skips_jobs_that_would_overrun(tmp_path):
     kids = [x for x in runs if x.data.tags.get("stop_reason") == "sweep_budget"]
     assert len(kids) == 2 and all("sweep cap" in k.data.tags["skip_reason"] for k in kids)
     assert not list(tmp_path.glob("multirun/*/*/*/checkpoints"))  # never half-started
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
+def test_recipes_run_on_cpu_with_the_tiny_model(tmp_path, recipe):
+    cfg = compose_cfg(tmp_path, f"recipe={recipe}", "model=tiny", "hardware=cpu", "train.steps=1",
+                      "train.prompts_per_step=2", "trainer.device=cpu")
+    assert cfg.budget.cap_usd is not None  # a recipe states its budget
+    t = run(cfg, tmp_path / "out", "{}")
+    assert t.stop_reason == "completed" and t.step == 1
