@@ -9,7 +9,7 @@ ARGS ?=
 
 SWEEP ?= shaper_ablation
 
-.PHONY: setup run sweep test bench ui clean-runs
+.PHONY: setup run sweep reproduce test bench ui clean-runs
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ run: setup
 # A study from sweeps/, e.g. make sweep SWEEP=shaper_ablation ARGS="train.steps=30"
 sweep: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name $(SWEEP) $(ARGS)
+
+# The dice post, every recipe x 3 seeds, then report.md + plots (QUICK=1: 1 seed, 15 steps)
+reproduce: setup
+	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post$(if $(QUICK),_quick,) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

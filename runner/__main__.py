@@ -36,7 +36,9 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_cfg.output_dir = str(output_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
 
-    ledger, parent_id, tags, job = None, None, None, "0"
+    ledger, parent_id, job = None, None, "0"
+    recipe = hc.runtime.choices.get("recipe")
+    tags = {"recipe": recipe} if recipe and recipe != "null" else {}
     if hc.mode == RunMode.MULTIRUN:
         from runner.budget import SweepLedger
         from runner.sweep import parent_of
@@ -44,7 +46,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         job = str(hc.job.num)
         parent = parent_of(hc.sweep.dir)
         parent_id = parent["run_id"] if parent else None
-        tags = {"job_num": job, "override": hc.job.override_dirname or "(defaults)"}
+        tags.update(job_num=job, override=hc.job.override_dirname or "(defaults)")
         if run_cfg.budget.sweep_cap_usd is not None:
             ledger = SweepLedger(Path(hc.sweep.dir) / "budget_ledger.json", run_cfg.budget.sweep_cap_usd)
             admitted, why = ledger.admit(job, run_cfg.budget.job_estimate_usd)

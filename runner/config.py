@@ -223,6 +223,8 @@ class TrainConfig:
 class RunConfig:
     seed: int = 0
     objective: str = "eval/prob/tv_uniform_valid"
+    # A report the sweep builds at its end from its children: null or dice_post.
+    report: Optional[str] = None
     output_dir: str = "outputs"
     env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -315,6 +317,7 @@ def _is_hub_id(p: str) -> bool:
 
 
 def _check_ranges(c: RunConfig) -> None:
+    _check(c.report in (None, "dice_post"), "report", c.report, "must be null or dice_post")
     _one_of("env.name", c.env.name, ENV_NAMES)
     _check(c.env.faces >= 2, "env.faces", c.env.faces, "must be >= 2")
     _one_of("algo.name", c.algo.name, ALGO_NAMES)

@@ -59,6 +59,12 @@ class MlflowSweepCallback(Callback):
         if not parent:
             return
         objective = config.get("objective", "eval/answers/tv_uniform_valid")
+        if config.get("report") == "dice_post":
+            from runner.report import report
+
+            text, _ = report(parent["tracking_uri"], parent["run_id"], out=sweep_dir / "report")
+            print(text)
+            print(f"report and plots: {sweep_dir / 'report'} (and on the sweep's parent run)")
         text, rows = summarise(parent["tracking_uri"], parent["run_id"], objective, sweep_dir)
         print(text)
 
@@ -94,13 +100,12 @@ def summarise(uri: str, parent_run_id: str, objective: str, out_dir: Path) -> tu
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(finite)), 4))
-        ax.bar([str(r["job"]) for r in finite], [r[objective] for r in finite])
-        ax.set_xlabel("job")
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(finite)), 4))
+        ax.bar(range(len(finite)), [r[objective] for r in finite])
+        ax.set_xticks(range(len(finite)), [str(r["job"]) for r in finite])
+        ax.set_xlabel("job (overrides in sweep_summary.md)")
         ax.set_ylabel(objective)
         ax.set_title("objective per job")
-        for i, r in enumerate(finite):
-            ax.annotate(r["overrides"], (i, r[objective]), rotation=90, fontsize=6, ha="center", va="bottom")
         fig.tight_layout()
         path = out_dir / "sweep_objective.png"
         fig.savefig(path, dpi=110)
