@@ -27,6 +27,8 @@ def test_every_option_composes_and_validates(group, option):
     cfg = validate(composed([f"{group}={option}", *extra]))
     if group == "hardware":  # a profile written into budget.*
         assert cfg.budget.hardware == option and cfg.budget.usd_per_device_hour > 0
+    elif group == "recipe":  # a whole experiment: it sets other groups
+        assert cfg.env.name in ("dice", "even_dice") and cfg.train.steps >= 1
     else:
         assert getattr(cfg, group).name == option
 
