@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,9 +26,11 @@ def main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    started_at = time.time()
     meter = CostMeter(0.0)  # the job's clock starts here, before any loading; priced below
     try:
         run_cfg = validate(cfg)
+        check_installed(run_cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -54,6 +58,19 @@ def main(cfg: DictConfig) -> Optional[float]:
                 skip(run_cfg, parent_id, tags, why)
                 return math.nan
 
+    if run_cfg.trainer.name == "deepspeed":
+        from runner.launch import launch
+
+        ledger_info = {"path": str(ledger.path), "cap_usd": ledger.cap_usd} if ledger is not None else None
+        result = launch(run_cfg, output_dir, config_yaml, started_at=started_at, job_id=job,
+                        parent_run_id=parent_id, extra_tags=tags, ledger=ledger_info)
+        if result["returncode"] != 0:
+            print(f"DeepSpeed workers exited with {result['returncode']} "
+                  f"(stop reason: {result.get('stop_reason', 'unknown')}); the same command resumes from the "
+                  f"last checkpoint", file=sys.stderr)
+            sys.exit(result["returncode"] if result["returncode"] > 0 else 1)
+        return result.get("objective", math.nan)
+
     from runner.train import NonFiniteError, run
 
     try:
@@ -69,6 +86,17 @@ def main(cfg: DictConfig) -> Optional[float]:
               f"the same command resumes it", file=sys.stderr)
         sys.exit(130)
     return trainer.final_metrics.get(cfg.get("objective"), math.nan)
+
+
+def check_installed(run_cfg) -> None:
+    """Optional parts (DeepSpeed, vLLM) are checked here, before anything is loaded."""
+    if run_cfg.trainer.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer=deepspeed: the deepspeed package is not installed; "
+                          "pip install '.[deepspeed]' (or use trainer=torch)")
+    if run_cfg.rollout.name == "vllm":
+        from runner.rollout_vllm import check_available
+
+        check_available(run_cfg)
 
 
 def skip(run_cfg, parent_id: Optional[str], tags: dict, why: str) -> None:

@@ -48,6 +48,8 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCALE_REWARDS = ("group", "batch", "none")
 MODEL_SOURCES = ("gguf", "tiny", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
+TRAINER_NAMES = ("torch", "deepspeed")
+ROLLOUT_NAMES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 HARDWARE = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "hardware").glob("*.yaml")))
 
@@ -167,6 +169,10 @@ class RolloutConfig:
     engine: str = "loop"
     # Weights rollouts sample from: auto (bfloat16 where native), float32 or bfloat16.
     dtype: str = "auto"
+    # --- rollout=vllm only ---
+    gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU, colocated with training
+    sleep: bool = True  # free vLLM's weights and KV cache during the update (sleep mode)
+    sync_every: int = 1  # optimizer steps between weight syncs to vLLM (1: on-policy)
 
 
 @dataclass
@@ -179,6 +185,22 @@ class TrainerConfig:
     autocast: str = "none"
     # None leaves torch's default; see DESIGN.md on OpenMP spin-waiting.
     num_threads: Optional[int] = None
+    # --- trainer=deepspeed only (the torch preset leaves these at their defaults) ---
+    # Processes per node, started by the runner itself (torchrun, or the deepspeed launcher).
+    num_procs: int = 1
+    launcher: str = "torchrun"  # torchrun | deepspeed (needed for hostfile, multi-node)
+    hostfile: Optional[str] = None  # DeepSpeed hostfile ("host slots=N" lines): several nodes
+    master_port: Optional[int] = None  # None: a free port
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on CUDA with bf16, else fp32) | fp32 | bf16
+    grad_accum_steps: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    # local: each group lives on one rank (prompts split over ranks); gather: each group's
+    # rollouts are spread over ranks and gathered before shaping and advantages.
+    group_placement: str = "local"
+    export_hf: bool = True  # plain Hugging Face weights in <output_dir>/hf_model at the end
+    cpu_shm_comm: bool = False  # DeepSpeed's compiled CPU all-reduce (~80 s to build once)
 
 
 @dataclass
@@ -375,7 +397,10 @@ def _check_ranges(c: RunConfig) -> None:
                m.num_key_value_heads, "must divide model.num_attention_heads")
 
     r = c.rollout
-    _one_of("rollout.name", r.name, ("hf",))
+    _one_of("rollout.name", r.name, ROLLOUT_NAMES)
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
+           "must be in (0, 1]")
+    _check(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "must be >= 1")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
@@ -385,11 +410,14 @@ def _check_ranges(c: RunConfig) -> None:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")
 
-    _one_of("trainer.name", c.trainer.name, ("torch",))
+    _one_of("trainer.name", c.trainer.name, TRAINER_NAMES)
     _one_of("trainer.device", c.trainer.device, DEVICES)
     _one_of("trainer.autocast", c.trainer.autocast, ("none", "bf16"))
     _check(c.trainer.num_threads is None or c.trainer.num_threads >= 1,
            "trainer.num_threads", c.trainer.num_threads, "must be >= 1 or null")
+
+    if c.trainer.name == "deepspeed":
+        _check_deepspeed(c)
 
     b = c.budget
     _check(b.usd_per_device_hour >= 0, "budget.usd_per_device_hour", b.usd_per_device_hour, "must be >= 0")
@@ -414,6 +442,37 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
     _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
+
+
+def _check_deepspeed(c: RunConfig) -> None:
+    t = c.trainer
+    _check(t.num_procs >= 1, "trainer.num_procs", t.num_procs, "must be >= 1")
+    _one_of("trainer.launcher", t.launcher, ("torchrun", "deepspeed"))
+    _one_of("trainer.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    _one_of("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _one_of("trainer.group_placement", t.group_placement, ("local", "gather"))
+    _check(not t.offload_params or t.zero_stage == 3, "trainer.offload_params", t.offload_params,
+           "needs trainer.zero_stage=3 (only ZeRO-3 partitions the parameters)")
+    _check(t.master_port is None or 1 <= t.master_port <= 65535, "trainer.master_port", t.master_port,
+           "must be a port number (1-65535) or null")
+    if t.hostfile is not None:
+        _check(os.path.isfile(os.path.expanduser(t.hostfile)), "trainer.hostfile", t.hostfile, "does not exist")
+        _check(t.launcher == "deepspeed", "trainer.launcher", t.launcher,
+               "must be deepspeed when trainer.hostfile is set (torchrun here starts one node)")
+    world = t.num_procs
+    if t.hostfile is not None:  # the whole job: the slots of every host ("host slots=N")
+        slots = re.findall(r"slots\s*=\s*(\d+)", Path(os.path.expanduser(t.hostfile)).read_text())
+        world = sum(min(int(n), t.num_procs) for n in slots) or t.num_procs
+    if t.group_placement == "local":
+        _check(c.train.prompts_per_step % world == 0, "train.prompts_per_step", c.train.prompts_per_step,
+               f"must be a multiple of trainer.num_procs ({world}) with trainer.group_placement=local "
+               f"(each rank trains whole groups)")
+    else:
+        _check(c.algo.group_size % world == 0, "algo.group_size", c.algo.group_size,
+               f"must be a multiple of trainer.num_procs ({world}) with trainer.group_placement=gather")
+        _check(not c.algo.dynamic_sampling.enabled, "algo.dynamic_sampling.enabled", True,
+               "is not supported with trainer.group_placement=gather; use trainer.group_placement=local")
 
 
 def validate(cfg: DictConfig | dict) -> RunConfig:

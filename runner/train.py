@@ -23,6 +23,7 @@ import torch
 
 from envs import INVALID, Score, make_env
 from runner import checkpoint as ckpt
+from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
                                top_entropy_mask)
 from runner.budget import CostMeter, SweepLedger
@@ -49,36 +50,14 @@ def make_adamw(params, **kw) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **kw)
 
 
-def rollout_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bfloat16 where the hardware has it natively (CUDA, or a CPU with avx512_bf16 or
-    AMX), else float32. Decoding is memory-bound, so half-size weights are ~2.5x faster."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+class NullTracker:
+    """What ranks other than 0 log to: everything is accepted and dropped (rank 0 logs the
+    whole job's metrics, gathered from every rank)."""
 
+    uri = None
 
-def rollout_copy(model, dtype_name: str, device: str):
-    """The weights rollouts sample from: the policy itself when dtypes agree, else a frozen
-    low-precision copy kept in sync after every optimizer step (the fp32 policy stays the
-    master for training, evaluation probabilities and checkpoints)."""
-    dtype = rollout_dtype(dtype_name, device)
-    if dtype == next(model.parameters()).dtype:
-        return model
-    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def sync_rollout_weights(rollout_model, model) -> None:
-    if rollout_model is model:
-        return
-    for r, p in zip(rollout_model.parameters(), model.parameters()):
-        r.copy_(p)
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 class NonFiniteError(RuntimeError):
@@ -144,7 +123,7 @@ class Trainer:
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = make_env(cfg.env)
-        self.rollout = make_rollout(cfg.rollout)
+        self.rollout = make_rollout(cfg.rollout) if cfg.rollout.name == "hf" else None  # vllm: in setup
         a = cfg.algo
         self.loss_cfg = LossConfig.from_algo(a)
         e = a.entropy
@@ -156,6 +135,7 @@ class Trainer:
         self.last_eval: Optional[dict[str, Any]] = None
         self.stop_reason: Optional[str] = None
         self.final_metrics: dict[str, float] = {}
+        self.backend = make_backend(cfg)
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -170,17 +150,15 @@ class Trainer:
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model, self.tok = load_policy(cfg.model, self.device)
+        model, self.tok = load_policy(cfg.model, self.device)
         a = cfg.algo
-        self.opt = make_adamw(self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
-                              weight_decay=a.weight_decay)
         if a.kl.coef > 0:  # frozen copy of the starting policy, before any checkpoint is loaded
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        state = ckpt.load_latest(self.ckpt_dir)
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = make_adamw(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
+                         weight_decay=a.weight_decay)
+        self.model, self.opt = self.backend.wrap(model, opt)
+        state = self.backend.load(self.ckpt_dir)
         if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-            ckpt.set_rng_state(state["rng"])
             self.step = self.last_ckpt_step = state["step"]
             self.history = History(**state["history"])
             self.meter.carry(state.get("wall_seconds", 0.0))
@@ -189,7 +167,32 @@ class Trainer:
             if self.adaptive is not None and "entropy_coef" in state:
                 self.adaptive.coef = state["entropy_coef"]
             log.info("resumed from step %d", self.step)
-        self.rollout_model = rollout_copy(self.model, cfg.rollout.dtype, self.device)
+        if cfg.rollout.name == "vllm":
+            self.start_vllm()
+        else:
+            self.rollout_model = self.backend.rollout_model(self.model, cfg.rollout.dtype, self.device)
+
+    def start_vllm(self) -> None:
+        """A vLLM engine colocated on this rank's GPU, started from the current (maybe
+        resumed) policy's weights, written once as plain Hugging Face files."""
+        from runner.rollout_vllm import VLLMRollout
+
+        weights = self.output_dir / "launch" / f"vllm_start_rank{self.backend.rank}"
+        with self.backend.gathered(self.model):
+            if not weights.exists():
+                self.model.save_pretrained(weights)
+                self.tok.save_pretrained(weights)
+        self.rollout_model = self.model  # generation happens inside vLLM
+        self.rollout = VLLMRollout(self.cfg.rollout, str(weights), self.tok, self.cfg.seed + self.backend.rank)
+        self.push_weights(force=True)
+
+    def push_weights(self, force: bool = False) -> None:
+        """After an optimizer step: HF rollouts' low-precision copy, or vLLM's weights."""
+        self.backend.sync_rollout(self.rollout_model, self.model)
+        if self.cfg.rollout.name == "vllm":
+            tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+            with self.backend.gathered(self.model):
+                self.rollout.on_policy_updated(self.model.named_parameters(), tied, force=force)
 
     def autocast(self):
         """bf16 autocast for forward passes when trainer.autocast=bf16 (weights, optimizer
@@ -206,6 +209,9 @@ class Trainer:
         """A new MLflow run, or the same run again when this output dir has one (its id is
         in run_state.json, or, if MLflow was down so far, its creation is still spooled)."""
         cfg = self.cfg
+        if not self.backend.is_main:
+            self.tracker = NullTracker()
+            return
         state_path = self.output_dir / STATE_FILE
         prior = json.loads(state_path.read_text()) if state_path.exists() else {}
 
@@ -241,16 +247,20 @@ class Trainer:
         cfg, env = self.cfg, self.env
         ds = cfg.algo.dynamic_sampling
         want = cfg.train.prompts_per_step
+        mine = len(self.backend.my_prompts(list(range(want))))  # groups this rank trains on
         c = Collected()
         kept: list[RolloutBatch] = []
         n_kept = 0
+        bk = self.backend
         for _ in range(ds.max_rounds if ds.enabled else 1):
             c.rounds += 1
-            batch = self.rollout.generate(self.rollout_model, self.tok, env.prompts(self.step, want),
-                                          cfg.algo.group_size)
+            batch = self.rollout.generate(self.rollout_model, self.tok, bk.my_prompts(env.prompts(self.step, want)),
+                                          bk.my_group_size(cfg.algo.group_size))
             scores = [self.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
             groups = batch.groups.tolist()
-            shaped = shape(cfg.shaper.name, [s.reward for s in scores], [s.answer_key for s in scores], groups)
+            # group-aware shaping sees whole groups, gathered across ranks where they are split
+            shaped = bk.on_whole_groups(lambda r, k, g: shape(cfg.shaper.name, r, k, g),
+                                        [s.reward for s in scores], [s.answer_key for s in scores], groups)
             if cfg.algo.overlong.enabled:
                 o = cfg.algo.overlong
                 pen = overlong_penalty(batch.completion_lengths.cpu(), cfg.rollout.max_new_tokens, o.buffer, o.penalty)
@@ -262,7 +272,7 @@ class Trainer:
             rows = []
             for g in sorted(set(groups)):
                 idx = [i for i, x in enumerate(groups) if x == g]
-                if n_kept < want and max(shaped[i] for i in idx) > min(shaped[i] for i in idx):
+                if n_kept < mine and max(shaped[i] for i in idx) > min(shaped[i] for i in idx):
                     rows += idx
                     n_kept += 1
                 else:
@@ -271,7 +281,7 @@ class Trainer:
                 kept.append(select(batch, rows))
                 c.scores += [scores[i] for i in rows]
                 c.shaped += [shaped[i] for i in rows]
-            if n_kept >= want:
+            if n_kept >= mine:
                 break
         c.batch = concat(kept, self.tok.pad_token_id) if kept else None
         return c
@@ -293,107 +303,159 @@ class Trainer:
             return Score(reward=0.0, answer_key=INVALID, exact_format=False)
 
     def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, bk = self.cfg, self.backend
         t0 = time.perf_counter()
         with self.autocast():
             c = self.collect()
+        if cfg.rollout.name == "vllm":
+            self.rollout.sleep()  # free vLLM's GPU memory for the update
         t_gen = time.perf_counter()
-        if c.batch is not None:
-            adv = advantages(torch.tensor(c.shaped), c.batch.groups.cpu(), cfg.algo.scale_rewards,
-                             cfg.algo.adv_clip, cfg.algo.baseline)
-            train_m = self.update(c.batch, adv.to(self.device), c.scores)
-        else:  # dynamic sampling found no group with any signal: nothing to learn from
+        if bk.all_true(c.batch is None):  # dynamic sampling found no group with any signal anywhere
             train_m = {"train/skipped": 1.0}
+        else:
+            batch, shaped, scores = c.batch, c.shaped, c.scores
+            if batch is None:
+                # other ranks have groups to learn from and every rank must take part in the
+                # update's collectives: this rank trains on its last round with zero advantage
+                batch, scores, shaped = c.sampled[-1]
+                adv = torch.zeros(len(batch))
+            else:
+                a = cfg.algo
+                adv = torch.tensor(bk.on_whole_groups(
+                    lambda r, _k, g: advantages(torch.tensor(r), torch.tensor(g), a.scale_rewards, a.adv_clip,
+                                                a.baseline).tolist(),
+                    shaped, [None] * len(shaped), batch.groups.tolist()))
+            train_m = self.update(batch, adv.to(self.device), scores)
         t_end = time.perf_counter()
 
-        scores = [s for _, sc, _ in c.sampled for s in sc]
-        raw = [s.reward for s in scores]
-        shaped = [r for _, _, sh in c.sampled for r in sh]
-        keys = [s.answer_key for s in scores]
-        lengths = torch.cat([b.completion_lengths.float().cpu() for b, _, _ in c.sampled])
-        finished = [f for b, _, _ in c.sampled for f in b.finished]
-        zero_var = [_zero_variance_frac(sh, b.groups.tolist()) for b, _, sh in c.sampled]
+        # every rank's rollouts, for metrics (a group split over ranks is one group again)
+        rec = {"rounds": [([s.reward for s in sc], sh, [s.answer_key for s in sc], [s.exact_format for s in sc],
+                           b.completion_lengths.float().cpu().tolist(), list(b.finished), b.groups.tolist())
+                          for b, sc, sh in c.sampled],
+               "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank}
+        recs = bk.gather_objects(rec)
+        rows = [row for r in recs for rd in r["rounds"] for row in zip(*rd[:6])]
+        raw, shaped_all, keys, exact, lengths, finished = (list(x) for x in zip(*rows))
+        groups: dict[tuple, list[float]] = {}
+        for r in recs:
+            for i, rd in enumerate(r["rounds"]):
+                owner = r["rank"] if bk.group_placement == "local" else -1
+                for sh, g in zip(rd[1], rd[6]):
+                    groups.setdefault((owner, i, g), []).append(sh)
+        zero_var = sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
         m: dict[str, float] = {
             "reward/raw_mean": sum(raw) / len(raw),
-            "reward/shaped_mean": sum(shaped) / len(shaped),
-            "format/exact_rate": sum(s.exact_format for s in scores) / len(scores),
-            "completion/mean_length": lengths.mean().item(),
+            "reward/shaped_mean": sum(shaped_all) / len(shaped_all),
+            "format/exact_rate": sum(exact) / len(exact),
+            "completion/mean_length": sum(lengths) / len(lengths),
             "completion/finished_rate": sum(finished) / len(finished),
-            "groups/zero_variance_frac": sum(zero_var) / len(zero_var),
-            "groups/dropped": float(c.dropped_groups),
-            "groups/sampling_rounds": float(c.rounds),
+            "groups/zero_variance_frac": zero_var,
+            "groups/dropped": float(sum(r["dropped"] for r in recs)),
+            "groups/sampling_rounds": float(max(r["n_rounds"] for r in recs)),
             "time/step_s": t_end - t0,
             "time/generate_s": t_gen - t0,
             "time/train_s": t_end - t_gen,
-            "throughput/tokens_per_s": lengths.sum().item() / (t_end - t0),
+            "throughput/tokens_per_s": sum(lengths) / (t_end - t0),
             **train_m,
         }
-        m["errors/reward_total"] = float(self.reward_errors)
+        m["errors/reward_total"] = bk.all_sum([self.reward_errors])[0]
         m.update(self.answer_metrics(keys, "answers"))
         self.history.train.append((self.step, self.answer_dist(keys)))
         return m
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list) -> dict[str, float]:
-        a = self.cfg.algo
+        """num_iterations passes over the batch, each one optimizer step; the batch is cut into
+        the backend's micro-batches, each normalised by whole-batch counts (all ranks), so
+        their gradients add up to the full batch's."""
+        a, bk = self.cfg.algo, self.backend
         mask = batch.completion_mask
-        norm = BatchNorm(tokens=float(mask.sum().clamp(min=1)), seqs=float(len(batch)),
-                         max_len=float(self.cfg.rollout.max_new_tokens))
+        tokens, seqs = bk.all_sum([mask.sum().item(), len(batch)])
+        norm = BatchNorm(tokens=max(tokens, 1.0), seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
         entropy_mask = None
         if a.entropy.scope == "answer":
             entropy_mask = span_token_mask(self.tok, batch.completion_ids, [s.answer_span for s in scores]) & mask
-        ref_logp = None
+        micro = [(rows, batch if len(rows) == len(batch) else select(batch, rows))
+                 for rows in bk.micro_batches(len(batch)) if rows]
+        ref_logp: list = [None] * len(micro)
         if self.ref_model is not None:
             with torch.no_grad(), self.autocast():
-                ref_logp, _ = sequence_logprobs(self.ref_model, batch, self.cfg.trainer.shared_prefix)
-        old_logp = None
+                ref_logp = [sequence_logprobs(self.ref_model, mb, self.cfg.trainer.shared_prefix)[0] for _, mb in micro]
+        old_logp: list = [None] * len(micro)
         loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
         timing = {"time/forward_s": 0.0, "time/backward_s": 0.0, "time/optimizer_s": 0.0}
         for it in range(a.num_iterations):
-            t0 = time.perf_counter()
-            with self.autocast():
-                logp, ent = sequence_logprobs(self.model, batch, self.cfg.trainer.shared_prefix)
-            if old_logp is None:  # the policy that sampled: this first forward, detached
-                old_logp = logp.detach()
-                m = mask.bool()
-                token_entropy = ent.detach()[m].mean().item() if m.any() else 0.0
-                out["policy/token_entropy"] = token_entropy
-                if entropy_mask is not None:
-                    em = entropy_mask.bool()
-                    out["policy/answer_entropy"] = ent.detach()[em].mean().item() if em.any() else 0.0
-                if self.adaptive is not None:
-                    loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=self.adaptive.effective(token_entropy))
-                out["train/entropy_coef"] = loss_cfg.entropy_coef
-            pg_mask = top_entropy_mask(ent, mask, a.top_entropy_quantile)
-            loss, stats = policy_loss(logp, old_logp, adv, mask, ent, loss_cfg, norm, pg_mask=pg_mask,
-                                      entropy_mask=entropy_mask, ref_logp=ref_logp)
-            t1 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
+            bk.zero_grad()
+            finite, loss_sum, stat_sums = True, 0.0, {}
+            for j, (rows, mb) in enumerate(micro):
+                t0 = time.perf_counter()
+                idx = torch.as_tensor(rows, device=mask.device)
+                mb_mask = mask[idx]
+                mb_emask = None if entropy_mask is None else entropy_mask[idx]
+                with self.autocast():
+                    logp, ent = sequence_logprobs(self.model, mb, self.cfg.trainer.shared_prefix)
+                if old_logp[j] is None:  # the policy that sampled: this first forward, detached
+                    old_logp[j] = logp.detach()
+                    if j == 0:
+                        loss_cfg = self._entropy_stats(ent, mb_mask, mb_emask, out)
+                pg_mask = top_entropy_mask(ent, mb_mask, a.top_entropy_quantile)
+                loss, stats = policy_loss(logp, old_logp[j], adv[idx], mb_mask, ent, loss_cfg, norm, pg_mask=pg_mask,
+                                          entropy_mask=mb_emask, ref_logp=ref_logp[j])
+                t1 = time.perf_counter()
+                ok = bk.all_true(bool(torch.isfinite(loss)))
+                if ok:
+                    bk.backward(loss * bk.loss_scale)
+                finite = finite and ok
+                loss_sum += loss.item() if ok else float("nan")
+                for k, v in stats.items():  # kl is a share of the batch's (sums up), the rest are means
+                    stat_sums[k] = stat_sums.get(k, 0.0) + v.item() / (1 if k == "kl" else len(micro) * bk.world)
+                t2 = time.perf_counter()
+                timing["time/forward_s"] += t1 - t0
+                timing["time/backward_s"] += t2 - t1
             t2 = time.perf_counter()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-            finite = finite and bool(torch.isfinite(grad_norm))
             if finite:
-                self.opt.step()
-                sync_rollout_weights(self.rollout_model, self.model)
+                grad_norm, stepped = bk.step(a.max_grad_norm)
+                finite = stepped
+                if stepped:
+                    self.push_weights()
             else:  # never let a NaN/inf reach the weights (or a checkpoint)
-                self.opt.zero_grad(set_to_none=True)
+                bk.zero_grad()
+                grad_norm = torch.tensor(float("nan"))
             self.count_nonfinite(finite)
-            t3 = time.perf_counter()
-            timing["time/forward_s"] += t1 - t0
-            timing["time/backward_s"] += t2 - t1
-            timing["time/optimizer_s"] += t3 - t2
-            out.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item()})
-            out.update({f"train/{k}": v.item() for k, v in stats.items()})
+            timing["time/optimizer_s"] += time.perf_counter() - t2
+            # each rank's loss is its share of the global loss; their mean is the global loss
+            keys = list(stat_sums)
+            reduced = bk.all_sum([loss_sum] + [stat_sums[k] for k in keys])
+            out.update({"train/loss": reduced[0], "train/grad_norm": float(grad_norm)})
+            out.update({f"train/{k}": v for k, v in zip(keys, reduced[1:])})
         if self.adaptive is not None:
             self.adaptive.update(out["policy/token_entropy"])
             out["train/entropy_coef_next"] = self.adaptive.coef
-        out["train/adv_abs_mean"] = adv.abs().mean().item()
+        out["train/adv_abs_mean"] = bk.all_sum([adv.abs().sum().item()])[0] / max(seqs, 1.0)
         out["train/nonfinite_total"] = float(self.nonfinite_total)
         out.update(timing)
         return out
+
+    def _entropy_stats(self, ent: torch.Tensor, mask: torch.Tensor, emask: Optional[torch.Tensor],
+                       out: dict[str, float]) -> LossConfig:
+        """Token entropy of the sampling policy (all ranks' first micro-batch: the whole batch
+        unless gradients are accumulated), logged and fed to the adaptive coefficient."""
+        e = ent.detach()
+        m = mask.bool()
+        sums = [e[m].sum().item(), m.sum().item()]
+        if emask is not None:
+            em = emask.bool()
+            sums += [e[em].sum().item(), em.sum().item()]
+        sums = self.backend.all_sum(sums)
+        token_entropy = sums[0] / sums[1] if sums[1] else 0.0
+        out["policy/token_entropy"] = token_entropy
+        if emask is not None:
+            out["policy/answer_entropy"] = sums[2] / sums[3] if sums[3] else 0.0
+        loss_cfg = self.loss_cfg
+        if self.adaptive is not None:
+            loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=self.adaptive.effective(token_entropy))
+        out["train/entropy_coef"] = loss_cfg.entropy_coef
+        return loss_cfg
 
     def count_nonfinite(self, finite: bool) -> None:
         if finite:
@@ -471,25 +533,23 @@ class Trainer:
                 return {}
             first[a] = ids[0]
         enc = self.tok(render(self.tok, prompt), return_tensors="pt", add_special_tokens=False).to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        logits = self.model(**enc, logits_to_keep=1, use_cache=False).logits[0, -1].float()
-        self.model.train(was_training)
+        model = self.backend.eval_model(self.model, self.rollout_model)
+        was_training = model.training
+        model.eval()
+        logits = model(**enc, logits_to_keep=1, use_cache=False).logits[0, -1].float()
+        model.train(was_training)
         p = torch.softmax(logits, -1)
         return {a: p[i].item() for a, i in first.items()}
 
     # -- persistence ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "rng": ckpt.rng_state(),
+        state = {
             "history": {"train": self.history.train, "eval": self.history.eval},
             "wall_seconds": self.meter.wall_seconds,
             "entropy_coef": self.adaptive.coef if self.adaptive else None,
             "counters": {"reward_errors": self.reward_errors, "nonfinite_total": self.nonfinite_total},
         }
-        path = ckpt.save(self.ckpt_dir, self.step, payload, self.cfg.train.keep_checkpoints)
+        path = self.backend.save(self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
         self.last_ckpt_step = self.step
         if self.tracker:
             self.tracker.flush(upto_step=self.step)
@@ -511,17 +571,19 @@ class Trainer:
         cfg = self.cfg
         total = cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc=f"{cfg.env.name}/{cfg.shaper.name}",
-                   unit="step", dynamic_ncols=True, file=sys.stderr)
+                   unit="step", dynamic_ncols=True, file=sys.stderr, disable=not self.backend.is_main)
         try:
             while self.step < total:
-                if stop.reason:
-                    return stop.reason
-                if self.meter.would_exceed(self.cap()):
-                    return "budget"
+                # every rank stops at the same step: a signal on any rank, the budget on rank 0
+                budget = self.backend.is_main and self.meter.would_exceed(self.cap())
+                code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
+                if code:
+                    return {v: k for k, v in STOP_CODES.items()}[code]
                 t0 = time.perf_counter()
                 self.step += 1
                 m = self.train_step()
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                due = cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total
+                if due and self.backend.is_main:  # evaluation needs no other rank
                     m.update(self.evaluate())
                 m.update(self.meter.metrics())
                 if self.ledger is not None:
@@ -547,12 +609,17 @@ class Trainer:
         by the budget) or KILLED (a signal). Under a budget stop the final evaluation runs
         only if it still fits; the checkpoint is always written."""
         eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.eval_seconds or None)
-        due = self.last_eval_step != self.step and self.step > 0
+        due = self.last_eval_step != self.step and self.step > 0 and self.backend.is_main
         if due and (reason == "completed" or (reason == "budget" and eval_fits)):
             m = self.evaluate()
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)
         self.save_checkpoint()
+        if self.cfg.trainer.name == "deepspeed" and self.cfg.trainer.export_hf:
+            hf = self.backend.export_hf(self.model, self.tok, self.output_dir / "hf_model")
+            self.tracker.set_tags({"hf_model": str(hf)})
+        if not self.backend.is_main:
+            return
         if reason == "budget":
             print(f"budget: stopped after step {self.step} of {self.cfg.train.steps}: spent ${self.meter.usd:.4f} "
                   f"of the ${self.cap():.4f} cap; the next step would take ~${self.meter.usd_for(self.meter.next_step_seconds()):.4f}",
@@ -631,13 +698,6 @@ class Collected:
     rounds: int = 0
 
 
-def _zero_variance_frac(rewards: list[float], groups: list[int]) -> float:
-    by: dict[int, list[float]] = {}
-    for r, g in zip(rewards, groups):
-        by.setdefault(g, []).append(r)
-    return sum(max(v) == min(v) for v in by.values()) / max(len(by), 1)
-
-
 def estimate(trainer: Trainer) -> dict[str, float]:
     """Time a few warm-up steps and one evaluation; project the configured run's time and
     cost. Nothing is logged or checkpointed."""
@@ -685,7 +745,12 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
         trainer.stop_reason = "estimate"
         return trainer
     trainer.open_tracking(config_yaml, parent_run_id, extra_tags)
-    (output_dir / "config.yaml").write_text(config_yaml)
+    if trainer.backend.is_main:
+        (output_dir / "config.yaml").write_text(config_yaml)
+        if cfg.trainer.name == "deepspeed":  # the JSON DeepSpeed was given, generated from the config
+            ds_json = output_dir / "deepspeed_config.json"
+            ds_json.write_text(json.dumps(trainer.backend.config, indent=2))
+            trainer.tracker.log_artifact(ds_json, "config")
     with StopFlag() as stop:
         try:
             trainer.stop_reason = trainer.fit(stop)
@@ -707,5 +772,6 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
                 trainer.tracker.end("FAILED", upto_step=trainer.last_ckpt_step)
             finally:
                 raise
-    print(trainer.summary())
+    if trainer.backend.is_main:
+        print(trainer.summary())
     return trainer
