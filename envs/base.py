@@ -14,6 +14,9 @@ class Prompt:
 
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs
     assistant_prefix: str = ""
+    # Where the environment keeps what it needs to score this prompt (a problem's split and
+    # index, a Wordle secret's index); None for environments with one fixed prompt.
+    key: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class Score:
     # Character span [start, end) of the answer inside the completion text, where one was
     # found: what `algo.entropy.scope=answer` rewards entropy on.
     answer_span: Optional[tuple[int, int]] = None
+    # Whether the answer is right, where that is more than "reward > 0" (math, Wordle).
+    correct: Optional[bool] = None
 
 
 class Environment(Protocol):

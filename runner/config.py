@@ -41,7 +41,7 @@ class ConfigError(ValueError):
     """A bad key or value in the composed config. `str()` is a single line that names it."""
 
 
-ENV_NAMES = ("dice", "even_dice")
+ENV_NAMES = ("dice", "even_dice", "math", "wordle")
 ALGO_NAMES = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo")
 SHAPER_NAMES = ("none", "bonus", "divisor")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -49,6 +49,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 MODEL_SOURCES = ("gguf", "tiny", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
 TRAINER_NAMES = ("torch", "deepspeed")
+MATH_TASK_EXAMPLES = ("basic_arithmetic", "chain_sum", "countdown", "gsm_symbolic")
 ROLLOUT_NAMES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 HARDWARE = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "hardware").glob("*.yaml")))
@@ -65,6 +66,20 @@ class EnvConfig:
     assistant_prefix: str = "<answer>"
     strict_format: bool = False
     faces: int = 6
+    # --- env=math ---
+    # reasoning-gym generators to mix: {name: {weight: w, <the generator's difficulty keys>}}
+    tasks: dict = field(default_factory=lambda: {"basic_arithmetic": {"weight": 1.0}})
+    train_size: int = 1000
+    eval_size: int = 32  # held-out problems, each sampled eval_k times at evaluation
+    eval_k: int = 4
+    answer_format: str = "answer"  # answer: <answer></answer> | boxed: \boxed{}
+    think: bool = False  # ask for <think></think> reasoning before the answer
+    format_reward: float = 0.0
+    # --- env=wordle ---
+    max_turns: int = 6
+    # solve, turn_bonus, format, partial, repeat, inconsistent (see envs/wordle.py)
+    reward_weights: dict = field(default_factory=lambda: {"solve": 1.0, "turn_bonus": 0.1, "format": 0.1,
+                                                          "partial": 0.2, "repeat": 0.0, "inconsistent": 0.0})
 
 
 @dataclass
@@ -137,6 +152,9 @@ class AlgoConfig:
 @dataclass
 class ShaperConfig:
     name: str = "divisor"
+    # What counts as the same answer when counting k: exact | normalized | embedding
+    cluster: str = "exact"
+    threshold: float = 0.9  # cosine similarity that links two completions (cluster=embedding)
 
 
 @dataclass
@@ -292,6 +310,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise bad
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
     raise bad  # pragma: no cover - schema uses only the types above
 
 
@@ -342,6 +364,17 @@ def _check_ranges(c: RunConfig) -> None:
     _check(c.report in (None, "dice_post"), "report", c.report, "must be null or dice_post")
     _one_of("env.name", c.env.name, ENV_NAMES)
     _check(c.env.faces >= 2, "env.faces", c.env.faces, "must be >= 2")
+    if c.env.name == "math":
+        _check_math(c.env)
+    if c.env.name == "wordle":
+        e = c.env
+        _check(1 <= e.max_turns <= 20, "env.max_turns", e.max_turns, "must be in 1..20")
+        _check(e.eval_size >= 1, "env.eval_size", e.eval_size, "must be >= 1")
+        _check(e.eval_k >= 1, "env.eval_k", e.eval_k, "must be >= 1")
+        allowed = ("solve", "turn_bonus", "format", "partial", "repeat", "inconsistent")
+        for k, v in e.reward_weights.items():
+            _one_of("env.reward_weights key", k, allowed)
+            _check(isinstance(v, (int, float)) and v >= 0, f"env.reward_weights.{k}", v, "must be a number >= 0")
     _one_of("algo.name", c.algo.name, ALGO_NAMES)
     a = c.algo
     _check(a.group_size >= 2, "algo.group_size", a.group_size,
@@ -377,6 +410,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(a.overlong.buffer >= 1, "algo.overlong.buffer", a.overlong.buffer, "must be >= 1")
     _check(a.overlong.penalty >= 0, "algo.overlong.penalty", a.overlong.penalty, "must be >= 0")
     _one_of("shaper.name", c.shaper.name, SHAPER_NAMES)
+    _one_of("shaper.cluster", c.shaper.cluster, ("exact", "normalized", "embedding"))
+    _check(-1 <= c.shaper.threshold <= 1, "shaper.threshold", c.shaper.threshold, "must be in [-1, 1] (a cosine similarity)")
 
     m = c.model
     _one_of("model.source", m.source, MODEL_SOURCES)
@@ -442,6 +477,23 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
     _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
+
+
+def _check_math(e: EnvConfig) -> None:
+    from reasoning_gym.factory import DATASETS  # only for env=math (~1 s to import)
+
+    _check(bool(e.tasks), "env.tasks", e.tasks, "must name at least one reasoning-gym generator")
+    for name, opts in e.tasks.items():
+        _check(name in DATASETS, f"env.tasks.{name}", name,
+               f"is not a reasoning-gym generator; e.g. {', '.join(MATH_TASK_EXAMPLES)} (all: {len(DATASETS)})")
+        _check(opts is None or isinstance(opts, dict), f"env.tasks.{name}", opts,
+               "must be a group of settings ({weight: 1.0, ...})")
+        w = (opts or {}).get("weight", 1.0)
+        _check(isinstance(w, (int, float)) and w > 0, f"env.tasks.{name}.weight", w, "must be > 0")
+    _check(e.train_size >= 1, "env.train_size", e.train_size, "must be >= 1")
+    _check(e.eval_size >= 1, "env.eval_size", e.eval_size, "must be >= 1")
+    _check(e.eval_k >= 1, "env.eval_k", e.eval_k, "must be >= 1")
+    _one_of("env.answer_format", e.answer_format, ("answer", "boxed"))
 
 
 def _check_deepspeed(c: RunConfig) -> None:

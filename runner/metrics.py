@@ -28,3 +28,13 @@ def tv_to_uniform(dist: Mapping[str, float], valid: Sequence[str]) -> float:
     target = {a: 1.0 / len(valid) for a in valid}
     keys = set(dist) | set(target)
     return 0.5 * sum(abs(dist.get(k, 0.0) - target.get(k, 0.0)) for k in keys)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)
+    (Chen et al. 2021), the chance that k samples drawn without replacement hold a right one."""
+    if k > n:
+        raise ValueError(f"pass@k needs k <= n (k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

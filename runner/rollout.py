@@ -28,6 +28,10 @@ class RolloutBatch:
     # [B, C] log-probs of the sampled tokens under the untempered policy, from the
     # sampling loop itself (None from `generate`): a check on the training forward.
     sampler_logprobs: Optional[torch.Tensor] = None
+    # Multi-turn rollouts (runner/multiturn.py): the environment's episode state per row, and
+    # [B, C] the model turn each completion token belongs to (-1: the environment's tokens).
+    episodes: Optional[list] = None
+    token_turn: Optional[torch.Tensor] = None
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -63,6 +67,9 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         input_ids=torch.cat(ids), attention_mask=torch.cat(attn), completion_mask=torch.cat(cmask),
         prompt_len=P, groups=torch.cat(groups), prompts=[p for b in batches for p in b.prompts],
         completions=[c for b in batches for c in b.completions], finished=[f for b in batches for f in b.finished],
+        episodes=[e for b in batches for e in b.episodes] if all(b.episodes is not None for b in batches) else None,
+        token_turn=torch.cat([torch.cat([b.token_turn, b.token_turn.new_full((len(b), C - b.token_turn.shape[1]), -1)], 1)
+                              for b in batches]) if all(b.token_turn is not None for b in batches) else None,
     )
 
 
@@ -73,6 +80,8 @@ def select(batch: RolloutBatch, rows: Sequence[int]) -> RolloutBatch:
         completion_mask=batch.completion_mask[idx], prompt_len=batch.prompt_len, groups=batch.groups[idx],
         prompts=[batch.prompts[i] for i in rows], completions=[batch.completions[i] for i in rows],
         finished=[batch.finished[i] for i in rows],
+        episodes=[batch.episodes[i] for i in rows] if batch.episodes is not None else None,
+        token_turn=batch.token_turn[idx] if batch.token_turn is not None else None,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,11 @@ def _artifact_root(uri: str) -> Optional[str]:
         db = Path(uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows alphanumerics, _ - . space : and /; anything else becomes _ ("pass@4" -> "pass_4")."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 class Tracker:
@@ -108,8 +114,9 @@ class Tracker:
         self._add({"op": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        # a name MLflow refuses would block the spool behind it forever: make it legal here
         self._add({"op": "metrics", "step": step, "ts": int(time.time() * 1000),
-                   "values": {k: float(v) for k, v in metrics.items()}})
+                   "values": {metric_name(k): float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self._add({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})

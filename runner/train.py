@@ -32,6 +32,7 @@ from runner.forward import sequence_logprobs
 from runner.metrics import answer_distribution, entropy, tv_to_uniform
 from runner.models import load_policy
 from runner.rollout import RolloutBatch, concat, make_rollout, render, select, span_token_mask
+from runner.clustering import cluster_keys, clusters_per_group
 from runner.shapers import shape
 from runner.tracking import Tracker
 
@@ -122,8 +123,12 @@ class Trainer:
         self.nonfinite_streak = self.nonfinite_total = 0
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
-        self.env = make_env(cfg.env)
+        self.env = make_env(cfg.env, cfg.seed)
         self.rollout = make_rollout(cfg.rollout) if cfg.rollout.name == "hf" else None  # vllm: in setup
+        if hasattr(self.env, "new_game"):  # multi-turn: the environment answers between turns
+            from runner.multiturn import MultiTurnRollout
+
+            self.rollout = MultiTurnRollout(self.env, self.rollout)
         a = cfg.algo
         self.loss_cfg = LossConfig.from_algo(a)
         e = a.entropy
@@ -256,11 +261,13 @@ class Trainer:
             c.rounds += 1
             batch = self.rollout.generate(self.rollout_model, self.tok, bk.my_prompts(env.prompts(self.step, want)),
                                           bk.my_group_size(cfg.algo.group_size))
-            scores = [self.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
+            scores = self.score_batch(batch)
             groups = batch.groups.tolist()
             # group-aware shaping sees whole groups, gathered across ranks where they are split
-            shaped = bk.on_whole_groups(lambda r, k, g: shape(cfg.shaper.name, r, k, g),
-                                        [s.reward for s in scores], [s.answer_key for s in scores], groups)
+            res = bk.on_whole_groups(self.shape_groups, [s.reward for s in scores],
+                                     [(s.answer_key, x) for s, x in zip(scores, batch.completions)], groups)
+            shaped = [v for v, _ in res]
+            c.clusters.append(clusters_per_group([k for _, k in res], groups))
             if cfg.algo.overlong.enabled:
                 o = cfg.algo.overlong
                 pen = overlong_penalty(batch.completion_lengths.cpu(), cfg.rollout.max_new_tokens, o.buffer, o.penalty)
@@ -286,11 +293,27 @@ class Trainer:
         c.batch = concat(kept, self.tok.pad_token_id) if kept else None
         return c
 
-    def score(self, prompt, completion: str, finished: bool) -> Score:
+    def shape_groups(self, rewards: list, keys_and_texts: list, groups: list) -> list[tuple[float, str]]:
+        """(shaped reward, cluster key) per rollout, on whole groups: the clusterer decides
+        which rollouts give the same answer, the shaper counts them."""
+        sh = self.cfg.shaper
+        keys = cluster_keys(sh.cluster, [k for k, _ in keys_and_texts], [t for _, t in keys_and_texts], groups,
+                            sh.threshold)
+        return list(zip(shape(sh.name, rewards, keys, groups), keys))
+
+    def score_batch(self, batch: RolloutBatch) -> list[Score]:
+        if batch.episodes is not None:
+            return [self.score(p, x, f, episode=e)
+                    for p, x, f, e in zip(batch.prompts, batch.completions, batch.finished, batch.episodes)]
+        return [self.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
+
+    def score(self, prompt, completion: str, finished: bool, episode: Any = None) -> Score:
         """env.score, except that a reward function that raises costs that one rollout
         (reward 0, counted, its text kept in reward_errors.jsonl), not the run, unless
         train.on_reward_error=fail."""
         try:
+            if episode is not None:
+                return self.env.score_game(episode)
             return self.env.score(prompt, completion, finished)
         except Exception as e:
             if self.cfg.train.on_reward_error == "fail":
@@ -332,7 +355,10 @@ class Trainer:
         rec = {"rounds": [([s.reward for s in sc], sh, [s.answer_key for s in sc], [s.exact_format for s in sc],
                            b.completion_lengths.float().cpu().tolist(), list(b.finished), b.groups.tolist())
                           for b, sc, sh in c.sampled],
-               "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank}
+               "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank, "clusters": c.clusters,
+               "distinct_correct": self.distinct_correct(c),
+               "correct": [bool(s.correct) for _, sc, _ in c.sampled for s in sc if s.correct is not None],
+               "episodes": [e for b, _, _ in c.sampled for e in (b.episodes or [])]}
         recs = bk.gather_objects(rec)
         rows = [row for r in recs for rd in r["rounds"] for row in zip(*rd[:6])]
         raw, shaped_all, keys, exact, lengths, finished = (list(x) for x in zip(*rows))
@@ -352,6 +378,7 @@ class Trainer:
             "groups/zero_variance_frac": zero_var,
             "groups/dropped": float(sum(r["dropped"] for r in recs)),
             "groups/sampling_rounds": float(max(r["n_rounds"] for r in recs)),
+            "groups/clusters_mean": _mean([x for r in recs for x in r["clusters"]]),
             "time/step_s": t_end - t0,
             "time/generate_s": t_gen - t0,
             "time/train_s": t_end - t_gen,
@@ -359,9 +386,37 @@ class Trainer:
             **train_m,
         }
         m["errors/reward_total"] = bk.all_sum([self.reward_errors])[0]
-        m.update(self.answer_metrics(keys, "answers"))
-        self.history.train.append((self.step, self.answer_dist(keys)))
+        corrects = [x for r in recs for x in r["distinct_correct"]]
+        if corrects:  # environments that judge right and wrong (math, Wordle)
+            m["groups/distinct_correct_mean"] = _mean(corrects)
+            m["reward/accuracy"] = _mean([float(x) for r in recs for x in r["correct"]])
+        episodes = [e for r in recs for e in r["episodes"]]
+        if episodes:
+            m.update(self.env.game_metrics(episodes, "game"))
+        if self.env.answer_space:  # finite answers: their distribution is the story
+            m.update(self.answer_metrics(keys, "answers"))
+            self.history.train.append((self.step, self.answer_dist(keys)))
+        else:
+            m["answers/distinct_per_step"] = float(len(set(keys) - {INVALID}))
+            m["answers/valid_rate"] = sum(k != INVALID for k in keys) / len(keys)
         return m
+
+    @staticmethod
+    def distinct_correct(c: "Collected") -> list[int]:
+        """Per group: how many different correct completions (texts) it holds; empty where the
+        environment does not judge correctness. One right answer reached by several paths
+        counts several times: the diversity that matters once accuracy is high."""
+        out = []
+        for b, sc, _ in c.sampled:
+            if not sc or sc[0].correct is None:
+                continue
+            by: dict[int, set] = {}
+            for g, s, text in zip(b.groups.tolist(), sc, b.completions):
+                by.setdefault(g, set())
+                if s.correct:
+                    by[g].add(" ".join(text.split()))
+            out += [len(v) for v in by.values()]
+        return out
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list) -> dict[str, float]:
         """num_iterations passes over the batch, each one optimizer step; the batch is cut into
@@ -398,6 +453,9 @@ class Trainer:
                     old_logp[j] = logp.detach()
                     if j == 0:
                         loss_cfg = self._entropy_stats(ent, mb_mask, mb_emask, out)
+                        if mb.token_turn is not None:  # multi-turn: the policy's entropy per turn
+                            for t in sorted(set(mb.token_turn[mb.token_turn >= 0].tolist())):
+                                out[f"policy/entropy_turn{t + 1}"] = ent.detach()[mb.token_turn == t].mean().item()
                 pg_mask = top_entropy_mask(ent, mb_mask, a.top_entropy_quantile)
                 loss, stats = policy_loss(logp, old_logp[j], adv[idx], mb_mask, ent, loss_cfg, norm, pg_mask=pg_mask,
                                           entropy_mask=mb_emask, ref_logp=ref_logp[j])
@@ -492,6 +550,8 @@ class Trainer:
         policy's exact first-answer-token probabilities from one forward pass."""
         cfg, env = self.cfg, self.env
         t_start = time.perf_counter()
+        if hasattr(env, "eval_prompts"):
+            return self.evaluate_heldout(t_start)
         prompt = env.prompts(self.step, 1)[0]
         with self.autocast():
             batch = self.rollout.generate(self.rollout_model, self.tok, [prompt], cfg.train.eval_samples,
@@ -515,6 +575,40 @@ class Trainer:
         self.history.eval.append((self.step, self.answer_dist(keys)))
         self.last_eval = {"dist": self.answer_dist(keys), "probs": probs, "scores": scores,
                           "completions": batch.completions, "prompt": prompt}
+        self.eval_seconds = time.perf_counter() - t_start
+        self.last_eval_step = self.step
+        m["time/eval_s"] = self.eval_seconds
+        return m
+
+    @torch.no_grad()
+    def evaluate_heldout(self, t_start: float) -> dict[str, float]:
+        """Environments with a held-out set (math, Wordle): env.eval_k samples per problem at
+        T=1; accuracy, unbiased pass@k (Chen et al. 2021) and maj@k (the most frequent
+        answer key, ties to the first seen)."""
+        from runner.metrics import pass_at_k
+
+        env, k = self.env, self.env.eval_k
+        prompts = env.eval_prompts()
+        with self.autocast():
+            batch = self.rollout.generate(self.rollout_model, self.tok, prompts, k, temperature=1.0)
+        scores = self.score_batch(batch)
+        per: list[list] = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
+        m: dict[str, float] = {}
+        m["eval/accuracy"] = _mean([float(bool(s.correct)) for s in scores])
+        m[f"eval/pass_at_{k}"] = _mean([pass_at_k(k, sum(bool(s.correct) for s in ss), k) for ss in per])
+        m["eval/pass_at_1"] = _mean([pass_at_k(k, sum(bool(s.correct) for s in ss), 1) for ss in per])
+        maj = []
+        for ss in per:
+            keys = [s.answer_key for s in ss if s.answer_key != INVALID]
+            top = max(keys, key=keys.count) if keys else None
+            maj.append(float(any(s.correct and s.answer_key == top for s in ss)) if top else 0.0)
+        m[f"eval/maj_at_{k}"] = _mean(maj)
+        m["eval/format_rate"] = _mean([float(s.answer_key != INVALID) for s in scores])
+        m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
+        if batch.episodes is not None:
+            m.update(env.game_metrics(batch.episodes, "eval/game"))
+        self.last_eval = {"dist": {}, "probs": {}, "scores": scores, "completions": batch.completions,
+                          "prompt": prompts[0], "prompts": batch.prompts}
         self.eval_seconds = time.perf_counter() - t_start
         self.last_eval_step = self.step
         m["time/eval_s"] = self.eval_seconds
@@ -590,7 +684,7 @@ class Trainer:
                     m["cost/sweep_usd"] = self.ledger.charge(self.job_id, self.meter.usd)
                 self.tracker.log_metrics(m, self.step)
                 self.final_metrics.update(m)
-                bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m['answers/entropy']:.2f}",
+                bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
                                 valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
                 if self.step % cfg.train.checkpoint_every == 0:
@@ -669,6 +763,13 @@ class Trainer:
         ev = self.last_eval or {"dist": {}, "probs": {}}
         valid = env.valid_answers or []
         t = Table(title=f"final policy after {self.step} steps: {self.cfg.env.name}, shaper={self.cfg.shaper.name}")
+        if not env.answer_space:  # held-out evaluation (math, Wordle): its metrics
+            t.add_column("held-out evaluation")
+            t.add_column("value", justify="right")
+            for k, v in sorted(self.final_metrics.items()):
+                if k.startswith("eval/") and k != "eval/reward_errors":
+                    t.add_row(k[5:], f"{v:.3f}")
+            return self._summary_text(t)
         t.add_column("answer")
         t.add_column(f"sampled (n={self.cfg.train.eval_samples}, T=1)", justify="right")
         t.add_column("P(first token)", justify="right")
@@ -677,6 +778,13 @@ class Trainer:
             ideal = 1 / len(valid) if k in valid else 0.0
             p = ev["probs"].get(k)
             t.add_row(k, f"{v:.3f}", "" if p is None else f"{p:.3f}", f"{ideal:.3f}")
+        return self._summary_text(t)
+
+    def _summary_text(self, t) -> str:
+        from io import StringIO
+
+        from rich.console import Console
+
         buf = StringIO()
         console = Console(file=buf, width=100)
         console.print(t)
@@ -684,6 +792,10 @@ class Trainer:
         console.print(f"output: {self.output_dir}   wall {self.meter.wall_seconds:.0f} s, "
                       f"{self.meter.device_hours:.4f} device-h, ${self.meter.usd:.4f}")
         return buf.getvalue()
+
+
+def _mean(xs: list) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
 
 
 @dataclass
@@ -696,6 +808,7 @@ class Collected:
     shaped: list = field(default_factory=list)
     dropped_groups: int = 0
     rounds: int = 0
+    clusters: list = field(default_factory=list)  # mean clusters per group, per round
 
 
 def estimate(trainer: Trainer) -> dict[str, float]:

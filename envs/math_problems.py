@@ -1,0 +1,168 @@
+"""Verifiable math (`env=math`): problems from reasoning-gym generators, answers checked with
+math-verify so that equivalent forms count ("0.5", "1/2", "\\frac{1}{2}").
+
+Generators are mixed by weight, each with its own difficulty settings (reasoning-gym's
+config keys), e.g. `env.tasks.chain_sum.max_terms=4`. Train and held-out eval problems
+come from different seeds; eval questions that also occur in training are dropped.
+
+The answer key the shapers cluster on is the normalised final answer (the parsed value
+printed canonically), so the divisor shaper counts "12" and "12.0" as one answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from envs.base import INVALID, Prompt, Score
+
+_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPEN = re.compile(r"<answer>([^\n<]*)")
+_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+
+INSTRUCTIONS = {
+    "answer": "Give only the final answer inside <answer></answer> tags.",
+    "boxed": "Give the final answer as \\boxed{...}.",
+}
+
+
+def extract_boxed(text: str) -> list[str]:
+    """Contents of each \\boxed{...}, braces balanced."""
+    out, i = [], 0
+    while (i := text.find("\\boxed{", i)) != -1:
+        j, depth = i + len("\\boxed{"), 1
+        start = j
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth == 0:
+            out.append(text[start:j - 1])
+        i = j
+    return out
+
+
+def extract_answer(text: str, fmt: str, strict: bool = True) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """(answer text, its character span) from exactly one tag or boxed expression. Not
+    strict: a single unclosed `<answer>` counts up to the end of its line (small models
+    often stop or ramble before closing the tag)."""
+    if fmt == "answer":
+        found = list(_TAG.finditer(text))
+        if not found and not strict and text.count("<answer>") == 1:
+            found = list(_OPEN.finditer(text))
+        if len(found) != 1 or not found[0].group(1).strip():
+            return None, None
+        return found[0].group(1).strip(), (found[0].start(1), found[0].end(1))
+    boxed = extract_boxed(text)
+    if len(boxed) != 1 or not boxed[0].strip():
+        return None, None
+    start = text.find(boxed[0])
+    return boxed[0].strip(), (start, start + len(boxed[0]))
+
+
+def parse_math(text: str) -> list:
+    """math-verify's parse of a bare answer (expressions and LaTeX both tried)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    body = text if text.lstrip().startswith("$") else f"${text}$"
+    return parse(body, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
+
+
+def equivalent(gold: str, pred: str) -> bool:
+    from math_verify import verify
+
+    g, p = parse_math(gold), parse_math(pred)
+    return bool(g and p and verify(g, p))
+
+
+def normalise(answer: str) -> str:
+    """A canonical string for a parsed answer (so 12, 12.0 and 24/2 share a key)."""
+    wordy = re.search(r"(?<!\\)\b[A-Za-z]{2,}", answer) is not None  # prose, not an expression
+    parsed = [] if wordy else parse_math(answer)
+    if not parsed:
+        return " ".join(answer.split()).lower()
+    value = parsed[0]
+    try:
+        import sympy
+
+        simple = sympy.nsimplify(value, rational=True) if getattr(value, "is_Float", False) else sympy.simplify(value)
+        return str(simple)
+    except Exception:
+        return str(value)
+
+
+@dataclass
+class MathEnv:
+    tasks: dict[str, Any] = field(default_factory=lambda: {"basic_arithmetic": {"weight": 1.0}})
+    train_size: int = 1000
+    eval_size: int = 32
+    eval_k: int = 4
+    seed: int = 0
+    answer_format: str = "answer"  # answer: <answer></answer> | boxed: \boxed{}
+    think: bool = False  # ask for reasoning inside <think></think> first
+    system_prompt: Optional[str] = None
+    assistant_prefix: str = "<answer>"
+    format_reward: float = 0.0  # added when the answer is well-formed, right or wrong
+    strict_format: bool = False  # true: only a closed tag (or boxed) counts as an answer
+    name: str = "math"
+
+    def __post_init__(self) -> None:
+        self.answer_space = None  # unbounded answers
+        self.valid_answers = None
+        self.train = self._dataset(self.train_size, self.seed)
+        held = self._eval_source = self._dataset(self.eval_size * 2, self.seed + 7919)
+        seen = {e["question"] for e in self.train}
+        self.eval = [e for e in held if e["question"] not in seen][: self.eval_size]
+
+    def _dataset(self, size: int, seed: int):
+        import reasoning_gym as rg
+        from reasoning_gym.composite import DatasetSpec
+
+        specs = []
+        for task, opts in self.tasks.items():
+            opts = dict(opts or {})
+            weight = float(opts.pop("weight", 1.0))
+            specs.append(DatasetSpec(name=task, weight=weight, config=opts))
+        return rg.create_dataset("composite", size=size, seed=seed, datasets=specs)
+
+    def _prompt(self, split: str, i: int, entry: dict) -> Prompt:
+        ask = entry["question"].strip() + "\n" + INSTRUCTIONS[self.answer_format]
+        if self.think:
+            ask += " First think step by step inside <think></think>."
+        messages = [("user", ask)]
+        if self.system_prompt is not None:
+            messages.insert(0, ("system", self.system_prompt))
+        return Prompt(tuple(messages), self.assistant_prefix, key=(split, i))
+
+    def prompts(self, step: int, n: int) -> list[Prompt]:
+        """n distinct problems for this step, walking the training set in order."""
+        size = len(self.train)
+        return [self._prompt("train", (step * n + j) % size, self.train[(step * n + j) % size]) for j in range(n)]
+
+    def eval_prompts(self) -> list[Prompt]:
+        return [self._prompt("eval", i, e) for i, e in enumerate(self.eval)]
+
+    def entry(self, prompt: Prompt) -> dict:
+        split, i = prompt.key
+        return (self.train if split == "train" else self.eval)[i]
+
+    def score(self, prompt: Prompt, completion: str, finished: bool) -> Score:
+        text = prompt.assistant_prefix + completion
+        if self.think and not _THINK.match(text):
+            thought_ok = False
+        else:
+            thought_ok = True
+        answer, span = extract_answer(text, self.answer_format, self.strict_format)
+        if answer is None:
+            return Score(reward=0.0, answer_key=INVALID, exact_format=False)
+        entry = self.entry(prompt)
+        correct = equivalent(str(entry["answer"]), answer)
+        if not correct:  # puzzles with many right answers (countdown) judge themselves
+            ds = self.train if prompt.key[0] == "train" else self._eval_source
+            correct = ds.score_answer(answer, entry) >= 1.0
+        exact = finished and thought_ok and extract_answer(text, self.answer_format, True)[0] is not None
+        reward = (1.0 if correct else 0.0) + (self.format_reward if exact else 0.0)
+        off = len(prompt.assistant_prefix)
+        span = (max(span[0] - off, 0), span[1] - off) if span else None
+        return Score(reward=reward, answer_key=normalise(answer), exact_format=exact,
+                     answer_span=span if span and span[1] > span[0] else None, correct=correct)

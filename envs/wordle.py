@@ -1,0 +1,204 @@
+"""Multi-turn Wordle (`env=wordle`), the RL Diary's agent task.
+
+Each turn the model writes a 5-letter guess in `<guess></guess>`; the environment answers
+with per-letter feedback in text the model can read and the game so far, for up to
+`max_turns` turns. A rollout is a whole game; the loss covers only the model's tokens
+(runner/multiturn.py masks the environment's).
+
+Words: the Wordle answer list that reasoning-gym ships (`reasoning_gym.data.wordle_words`),
+used both as secrets (split into train and held-out eval by a seeded shuffle) and as the
+allowed guesses. No hub access.
+
+Reward (weights in the config): solved, plus a bonus for each turn left unused; a share
+for well-formed, allowed guesses; partial credit from the best feedback seen (greens,
+yellows); optional penalties for repeating a guess or guessing a word that contradicts
+earlier feedback.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from envs.base import INVALID, Prompt, Score
+
+_GUESS = re.compile(r"<guess>(.*?)</guess>", re.DOTALL | re.IGNORECASE)
+_OPEN = re.compile(r"<guess>\s*([A-Za-z]{5})\b", re.IGNORECASE)
+GREEN, YELLOW, GRAY = "G", "Y", "."
+NAMES = {GREEN: "green", YELLOW: "yellow", GRAY: "gray"}
+
+RULES = ("Let's play Wordle. Guess the secret 5-letter English word in at most {turns} turns. "
+         "After each guess you get feedback for every letter: green = right letter, right place; "
+         "yellow = the letter is in the word but elsewhere; gray = not in the word (or not that many times). "
+         "Write each guess as <guess>word</guess>.")
+
+
+def feedback(secret: str, guess: str) -> str:
+    """Per-letter marks for `guess` against `secret`, repeats handled as Wordle does:
+    greens first, then yellows only while the secret still has unmatched copies."""
+    secret, guess = secret.lower(), guess.lower()
+    marks = [GRAY] * 5
+    left: dict[str, int] = {}
+    for i, (s, g) in enumerate(zip(secret, guess)):
+        if s == g:
+            marks[i] = GREEN
+        else:
+            left[s] = left.get(s, 0) + 1
+    for i, g in enumerate(guess):
+        if marks[i] != GREEN and left.get(g, 0) > 0:
+            marks[i] = YELLOW
+            left[g] -= 1
+    return "".join(marks)
+
+
+def feedback_text(guess: str, marks: str) -> str:
+    return " ".join(f"{c.upper()}={NAMES[m]}" for c, m in zip(guess, marks))
+
+
+def consistent(guess: str, history: list[tuple[str, str]]) -> bool:
+    """Whether `guess` could still be the secret given every (guess, marks) so far."""
+    return all(feedback(guess, g) == m for g, m in history)
+
+
+@dataclass
+class Game:
+    secret: str
+    turns: list[dict] = field(default_factory=list)  # guess (or None), valid, marks, repeat, consistent
+    done: bool = False
+    solved: bool = False
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        return [(t["guess"], t["marks"]) for t in self.turns if t["valid"]]
+
+
+@dataclass
+class WordleEnv:
+    words: list[str]
+    eval_size: int = 32
+    eval_k: int = 4
+    seed: int = 0
+    max_turns: int = 6
+    assistant_prefix: str = "<guess>"
+    system_prompt: Optional[str] = None
+    w_solve: float = 1.0
+    w_turn_bonus: float = 0.1  # per unused turn when solved
+    w_format: float = 0.1  # times the share of well-formed, allowed guesses
+    w_partial: float = 0.2  # times (greens + 0.5 yellows) / 5 of the best guess
+    w_repeat: float = 0.0  # penalty per repeated guess
+    w_inconsistent: float = 0.0  # penalty per guess that contradicts earlier feedback
+    name: str = "wordle"
+
+    @classmethod
+    def from_config(cls, cfg, seed: int) -> "WordleEnv":
+        from reasoning_gym.data.wordle_words import wordle_words
+
+        return cls(words=sorted({w.lower() for w in wordle_words if len(w) == 5}), eval_size=cfg.eval_size,
+                   eval_k=cfg.eval_k, seed=seed, max_turns=cfg.max_turns, assistant_prefix=cfg.assistant_prefix,
+                   system_prompt=cfg.system_prompt, **{f"w_{k}": v for k, v in cfg.reward_weights.items()})
+
+    def __post_init__(self) -> None:
+        self.answer_space = None
+        self.valid_answers = None
+        self.allowed = set(self.words)
+        order = list(self.words)
+        random.Random(self.seed).shuffle(order)
+        self.eval_secrets = order[: self.eval_size]
+        self.train_secrets = order[self.eval_size:]
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _prompt(self, split: str, i: int) -> Prompt:
+        messages = [("user", RULES.format(turns=self.max_turns) + " Your first guess?")]
+        if self.system_prompt is not None:
+            messages.insert(0, ("system", self.system_prompt))
+        return Prompt(tuple(messages), self.assistant_prefix, key=(split, i))
+
+    def prompts(self, step: int, n: int) -> list[Prompt]:
+        size = len(self.train_secrets)
+        return [self._prompt("train", (step * n + j) % size) for j in range(n)]
+
+    def eval_prompts(self) -> list[Prompt]:
+        return [self._prompt("eval", i) for i in range(len(self.eval_secrets))]
+
+    def secret(self, prompt: Prompt) -> str:
+        split, i = prompt.key
+        return (self.train_secrets if split == "train" else self.eval_secrets)[i]
+
+    # -- the game --------------------------------------------------------------------------
+    def new_game(self, prompt: Prompt) -> Game:
+        return Game(self.secret(prompt))
+
+    def parse_guess(self, text: str) -> Optional[str]:
+        found = _GUESS.findall(text)
+        word = found[0].strip().lower() if len(found) == 1 else None
+        if word is None and not found:  # the tag left open: take a 5-letter word right after it
+            m = _OPEN.search(text)
+            word = m.group(1).lower() if m else None
+        return word if word and re.fullmatch(r"[a-z]{5}", word) else None
+
+    def play(self, game: Game, turn_text: str) -> Optional[str]:
+        """Apply one model turn; the environment's reply, or None when the game is over."""
+        guess = self.parse_guess(self.assistant_prefix + turn_text)
+        valid = guess is not None and guess in self.allowed
+        turn = {"guess": guess, "valid": valid, "marks": None, "repeat": False, "consistent": True}
+        if valid:
+            turn["repeat"] = any(t["guess"] == guess for t in game.turns)
+            turn["consistent"] = consistent(guess, game.history)
+            turn["marks"] = feedback(game.secret, guess)
+        game.turns.append(turn)
+        if valid and guess == game.secret:
+            game.done = game.solved = True
+            return None
+        if len(game.turns) >= self.max_turns:
+            game.done = True
+            return None
+        if not valid:
+            why = "not a 5-letter word in <guess></guess> tags" if guess is None else f"'{guess}' is not in the word list"
+            reply = f"Invalid guess ({why}); it still costs a turn."
+        else:
+            reply = f"{guess.upper()}: {feedback_text(guess, turn['marks'])}"
+        lines = [f"{t['guess'].upper()}: {feedback_text(t['guess'], t['marks'])}" for t in game.turns if t["valid"]]
+        left = self.max_turns - len(game.turns)
+        return f"{reply}\nSo far:\n" + "\n".join(lines) + f"\n{left} turn(s) left. Next guess?"
+
+    def score_game(self, game: Game) -> Score:
+        n = max(len(game.turns), 1)
+        valid = [t for t in game.turns if t["valid"]]
+        reward = self.w_format * len(valid) / n
+        if game.solved:
+            reward += self.w_solve + self.w_turn_bonus * (self.max_turns - len(game.turns))
+        elif valid:
+            best = max(t["marks"].count(GREEN) + 0.5 * t["marks"].count(YELLOW) for t in valid)
+            reward += self.w_partial * best / 5
+        reward -= self.w_repeat * sum(t["repeat"] for t in valid)
+        reward -= self.w_inconsistent * sum(not t["consistent"] for t in valid)
+        opening = game.turns[0]["guess"] if game.turns and game.turns[0]["valid"] else None
+        # shapers cluster on the opening guess: the diversity question for this environment
+        return Score(reward=reward, answer_key=opening or INVALID, exact_format=len(valid) == len(game.turns),
+                     correct=game.solved)
+
+    def score(self, prompt: Prompt, completion: str, finished: bool) -> Score:
+        """A single-turn reading (used only if a game was not played turn by turn)."""
+        game = self.new_game(prompt)
+        self.play(game, completion)
+        return self.score_game(game)
+
+    def game_metrics(self, games: list[Game], prefix: str) -> dict[str, float]:
+        from collections import Counter
+
+        from runner.metrics import entropy
+
+        n = max(len(games), 1)
+        solved = [g for g in games if g.solved]
+        turns = [t for g in games for t in g.turns]
+        openings = Counter(g.turns[0]["guess"] if g.turns and g.turns[0]["valid"] else INVALID for g in games)
+        m = {f"{prefix}/solve_rate": len(solved) / n,
+             f"{prefix}/turns_to_solve": sum(len(g.turns) for g in solved) / len(solved) if solved else float(self.max_turns + 1),
+             f"{prefix}/invalid_guess_rate": sum(not t["valid"] for t in turns) / max(len(turns), 1),
+             f"{prefix}/repeat_rate": sum(t["repeat"] for t in turns) / max(len(turns), 1),
+             f"{prefix}/opening_entropy": entropy({k: v / n for k, v in openings.items()}),
+             f"{prefix}/opening_distinct": float(len(openings)),
+             f"{prefix}/opening_top_share": openings.most_common(1)[0][1] / n if openings else 0.0}
+        return m

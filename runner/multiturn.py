@@ -1,0 +1,99 @@
+"""Multi-turn rollouts: the model and the environment take turns until the game ends.
+
+A rollout is a whole episode, kept as token ids that are never re-tokenised: the prompt,
+then for each turn the model's sampled tokens (trained on: `completion_mask` 1) and the
+environment's reply rendered by the chat template (attended to, never trained on: mask
+0). The training forward therefore sees exactly the context the model sampled in.
+
+Each turn samples from every unfinished episode at once (left-padded contexts, the same
+lean sampling loop as single-turn rollouts, one sample per context).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from envs.base import Prompt
+from runner.rollout import HFRollout, RolloutBatch, eos_token_ids, render
+
+MARK = "\u0394\u0394MARK\u0394\u0394"
+
+
+def reply_text(tokenizer, prompt: Prompt, reply: str) -> str:
+    """What the chat template writes between the end of an assistant turn and the start of
+    the next one, around the environment's reply (plus the assistant prefix)."""
+    messages = [{"role": r, "content": c} for r, c in prompt.messages]
+    messages += [{"role": "assistant", "content": MARK}, {"role": "user", "content": reply}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text[text.index(MARK) + len(MARK):] + prompt.assistant_prefix
+
+
+class MultiTurnRollout:
+    def __init__(self, env, base: HFRollout) -> None:
+        self.env = env
+        self.base = base
+        self.max_new_tokens = base.max_new_tokens  # per turn
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, prompts: Sequence[Prompt], group_size: int,
+                 temperature: Optional[float] = None) -> RolloutBatch:
+        device = next(model.parameters()).device
+        temperature = temperature or self.base.temperature
+        eos = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        rows = [p for p in prompts for _ in range(group_size)]
+        groups = [i for i in range(len(prompts)) for _ in range(group_size)]
+        prompt_ids = [tokenizer(render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in rows]
+        games = [self.env.new_game(p) for p in rows]
+        comp: list[list[int]] = [[] for _ in rows]
+        train: list[list[int]] = [[] for _ in rows]  # 1: model token, 0: environment token
+        turn_of: list[list[int]] = [[] for _ in rows]
+        was_training = model.training
+        model.eval()
+        try:
+            for turn in range(self.env.max_turns):
+                active = [i for i, g in enumerate(games) if not g.done]
+                if not active:
+                    break
+                ctx = [prompt_ids[i] + comp[i] for i in active]
+                width = max(len(c) for c in ctx)
+                ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx], device=device)
+                attn = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=device)
+                toks, _ = self.base._sample_loop(model, ids, attn, 1, eos, pad, temperature)
+                for row, i in enumerate(active):
+                    sampled = toks[row].tolist()
+                    ended = next((j for j, t in enumerate(sampled) if t in eos), None)
+                    sampled = sampled[: ended + 1] if ended is not None else sampled
+                    comp[i] += sampled
+                    train[i] += [1] * len(sampled)
+                    turn_of[i] += [turn] * len(sampled)
+                    text = tokenizer.decode(sampled, skip_special_tokens=True)
+                    reply = self.env.play(games[i], text)
+                    if reply is not None:
+                        between = reply_text(tokenizer, rows[i], reply)
+                        if ended is not None:  # the model closed its turn itself: drop the template's close
+                            eos_text = tokenizer.decode([sampled[-1]])
+                            between = between[len(eos_text):] if between.startswith(eos_text) else between
+                        env_ids = tokenizer(between, add_special_tokens=False)["input_ids"]
+                        comp[i] += env_ids
+                        train[i] += [0] * len(env_ids)
+                        turn_of[i] += [-1] * len(env_ids)
+        finally:
+            model.train(was_training)
+        P = max(len(p) for p in prompt_ids)
+        C = max(1, max(len(c) for c in comp))
+        input_ids = torch.tensor([[pad] * (P - len(p)) + p + c + [pad] * (C - len(c))
+                                  for p, c in zip(prompt_ids, comp)], device=device)
+        attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c))
+                                  for p, c in zip(prompt_ids, comp)], device=device)
+        mask = torch.tensor([m + [0] * (C - len(m)) for m in train], device=device, dtype=torch.bool)
+        turns = torch.tensor([t + [-1] * (C - len(t)) for t in turn_of], device=device)
+        texts = [tokenizer.decode([t for t, m in zip(c, tm) if m], skip_special_tokens=True)
+                 for c, tm in zip(comp, train)]
+        return RolloutBatch(
+            input_ids=input_ids, attention_mask=attention, completion_mask=mask, prompt_len=P,
+            groups=torch.tensor(groups, device=device), prompts=rows, completions=texts,
+            finished=[g.done for g in games], episodes=games, token_turn=turns,
+        )
