@@ -1,11 +1,12 @@
 """The training forward: completion log-probs and entropies under the current policy.
 
-Two paths that must give the same numbers (a test holds them to it):
+Paths that must give the same numbers (tests hold them to it):
 - full: one forward over prompt + completion for every rollout;
 - shared prefix: each distinct prompt is run once, its KV cache is indexed out to the
   rollouts that share it, and only completion tokens are run per rollout. With G=6 and a
   49-token prompt against ~10 completion tokens this removes most of the work. Gradients
-  flow through the shared cache (indexing sums them back), so they are the same too.
+  flow through the shared cache (indexing sums them back), so they are the same too;
+- model tokens only (multi-turn episodes): the LM head only where the model's own tokens are.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from runner.rollout import RolloutBatch, position_ids
 
 def sequence_logprobs(model, batch: RolloutBatch, shared_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, C] log-probs of the completion tokens and the policy's entropy at each."""
+    if batch.token_turn is not None:
+        return _model_tokens_only(model, batch)
     if shared_prefix:
         return _shared_prefix(model, batch)
     c = batch.completion_ids.shape[1]
@@ -49,3 +52,19 @@ def _shared_prefix(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tens
     rest = model(input_ids=comp[:, :-1], attention_mask=attn, position_ids=position_ids(attn)[:, P:],
                  past_key_values=cache, use_cache=True)
     return token_logprobs(torch.cat([first, rest.logits], dim=1), comp)
+
+
+def _model_tokens_only(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-turn episodes are mostly the environment's tokens: run the transformer over the
+    whole episode, but the LM head and the (memory-heavy) log-softmax only where the model's
+    own tokens are predicted. Values elsewhere are 0 and masked out of every loss term."""
+    P, comp = batch.prompt_len, batch.completion_ids
+    C = comp.shape[1]
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=position_ids(batch.attention_mask), use_cache=False).last_hidden_state
+    where = batch.completion_mask.bool()
+    logits = model.get_output_embeddings()(hidden[:, P - 1:P + C - 1][where])
+    lp, ent = token_logprobs(logits.unsqueeze(0), comp[where].unsqueeze(0))
+    logp = torch.zeros(comp.shape, dtype=lp.dtype, device=lp.device).masked_scatter(where, lp[0])
+    entropy = torch.zeros(comp.shape, dtype=ent.dtype, device=ent.device).masked_scatter(where, ent[0])
+    return logp, entropy

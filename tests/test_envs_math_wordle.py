@@ -175,3 +175,21 @@ def test_environment_runs_on_the_tiny_model(tmp_path, env_args):
     assert "eval/accuracy" in m and "eval/pass_at_2" in m and "eval/maj_at_2" in m and "groups/clusters_mean" in m
     if "env=wordle" in env_args:
         assert "game/solve_rate" in m and "eval/game/opening_entropy" in m and "policy/entropy_turn1" in m
+
+
+def test_multiturn_forward_matches_the_full_forward_on_model_tokens(tiny):
+    import dataclasses
+
+    from runner.forward import sequence_logprobs
+    from runner.multiturn import MultiTurnRollout
+    from runner.rollout import HFRollout
+
+    model, tok = tiny
+    env = _env()
+    torch.manual_seed(1)
+    batch = MultiTurnRollout(env, HFRollout(max_new_tokens=4)).generate(model, tok, env.prompts(0, 1), 3)
+    fast_lp, fast_ent = sequence_logprobs(model, batch)
+    full_lp, full_ent = sequence_logprobs(model, dataclasses.replace(batch, token_turn=None))
+    m = batch.completion_mask.bool()
+    assert torch.allclose(fast_lp[m], full_lp[m], atol=1e-5) and torch.allclose(fast_ent[m], full_ent[m], atol=1e-4)
+    assert (fast_lp[~m] == 0).all()
