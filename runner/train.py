@@ -129,6 +129,12 @@ class Trainer:
             from runner.multiturn import MultiTurnRollout
 
             self.rollout = MultiTurnRollout(self.env, self.rollout)
+        self.eval_rollout = self.rollout  # evaluation samples independently, whatever trains
+        if cfg.rollout.strategy == "fr3e":
+            from runner.fr3e import FR3ERollout
+
+            f = cfg.rollout.fr3e
+            self.rollout = FR3ERollout(self.rollout, f.base_samples, f.anchors, f.percentile, f.merge_adjacent)
         a = cfg.algo
         self.loss_cfg = LossConfig.from_algo(a)
         e = a.entropy
@@ -188,7 +194,8 @@ class Trainer:
                 self.model.save_pretrained(weights)
                 self.tok.save_pretrained(weights)
         self.rollout_model = self.model  # generation happens inside vLLM
-        self.rollout = VLLMRollout(self.cfg.rollout, str(weights), self.tok, self.cfg.seed + self.backend.rank)
+        self.rollout = self.eval_rollout = VLLMRollout(self.cfg.rollout, str(weights), self.tok,
+                                                       self.cfg.seed + self.backend.rank)
         self.push_weights(force=True)
 
     def push_weights(self, force: bool = False) -> None:
@@ -257,6 +264,8 @@ class Trainer:
         kept: list[RolloutBatch] = []
         n_kept = 0
         bk = self.backend
+        fr3e = cfg.rollout.strategy == "fr3e"
+        limit = mine if ds.enabled else float("inf")  # fr3e alone keeps every group with signal
         for _ in range(ds.max_rounds if ds.enabled else 1):
             c.rounds += 1
             batch = self.rollout.generate(self.rollout_model, self.tok, bk.my_prompts(env.prompts(self.step, want)),
@@ -273,13 +282,15 @@ class Trainer:
                 pen = overlong_penalty(batch.completion_lengths.cpu(), cfg.rollout.max_new_tokens, o.buffer, o.penalty)
                 shaped = [r + p for r, p in zip(shaped, pen.tolist())]
             c.sampled.append((batch, scores, shaped))
-            if not ds.enabled:
+            if fr3e:
+                c.fr3e.append(self.fr3e_metrics(self.rollout.last, batch, scores))
+            if not ds.enabled and not fr3e:
                 kept, c.scores, c.shaped = [batch], scores, shaped
                 break
             rows = []
             for g in sorted(set(groups)):
                 idx = [i for i, x in enumerate(groups) if x == g]
-                if n_kept < mine and max(shaped[i] for i in idx) > min(shaped[i] for i in idx):
+                if n_kept < limit and max(shaped[i] for i in idx) > min(shaped[i] for i in idx):
                     rows += idx
                     n_kept += 1
                 else:
@@ -288,10 +299,28 @@ class Trainer:
                 kept.append(select(batch, rows))
                 c.scores += [scores[i] for i in rows]
                 c.shaped += [shaped[i] for i in rows]
-            if n_kept >= mine:
+            if n_kept >= limit:
                 break
         c.batch = concat(kept, self.tok.pad_token_id) if kept else None
         return c
+
+    def fr3e_metrics(self, stats, batch: RolloutBatch, scores: list) -> dict[str, float]:
+        """Anchors, their entropy, the value of a prefix (mean reward of its continuations)
+        by how deep into the base trajectory it branched, and the tokens it took."""
+        m = {"fr3e/anchors_per_trajectory": stats.anchors_per_trajectory, "fr3e/anchor_entropy": stats.anchor_entropy,
+             "fr3e/base_tokens": float(stats.base_tokens), "fr3e/branch_tokens": float(stats.branch_tokens),
+             "fr3e/generated_tokens": float(stats.base_tokens + stats.branch_tokens)}
+        groups = batch.groups.tolist()
+        values: dict[int, list[float]] = {}
+        for g, s in zip(groups, scores):
+            values.setdefault(g, []).append(s.reward)
+        by_depth: dict[int, list[float]] = {}
+        for g, depth in enumerate(stats.anchor_depth):
+            if g in values:
+                by_depth.setdefault(min(int(depth * 4), 3), []).append(sum(values[g]) / len(values[g]))
+        for q, v in by_depth.items():
+            m[f"fr3e/value_depth_q{q + 1}"] = sum(v) / len(v)
+        return m
 
     def shape_groups(self, rewards: list, keys_and_texts: list, groups: list) -> list[tuple[float, str]]:
         """(shaped reward, cluster key) per rollout, on whole groups: the clusterer decides
@@ -358,7 +387,7 @@ class Trainer:
                "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank, "clusters": c.clusters,
                "distinct_correct": self.distinct_correct(c),
                "correct": [bool(s.correct) for _, sc, _ in c.sampled for s in sc if s.correct is not None],
-               "episodes": [e for b, _, _ in c.sampled for e in (b.episodes or [])]}
+               "episodes": [e for b, _, _ in c.sampled for e in (b.episodes or [])], "fr3e": c.fr3e}
         recs = bk.gather_objects(rec)
         rows = [row for r in recs for rd in r["rounds"] for row in zip(*rd[:6])]
         raw, shaped_all, keys, exact, lengths, finished = (list(x) for x in zip(*rows))
@@ -379,6 +408,8 @@ class Trainer:
             "groups/dropped": float(sum(r["dropped"] for r in recs)),
             "groups/sampling_rounds": float(max(r["n_rounds"] for r in recs)),
             "groups/clusters_mean": _mean([x for r in recs for x in r["clusters"]]),
+            **{k: _mean([f[k] for r in recs for f in r["fr3e"] if k in f])
+               for k in sorted({k for r in recs for f in r["fr3e"] for k in f})},
             "time/step_s": t_end - t0,
             "time/generate_s": t_gen - t0,
             "time/train_s": t_end - t_gen,
@@ -554,7 +585,7 @@ class Trainer:
             return self.evaluate_heldout(t_start)
         prompt = env.prompts(self.step, 1)[0]
         with self.autocast():
-            batch = self.rollout.generate(self.rollout_model, self.tok, [prompt], cfg.train.eval_samples,
+            batch = self.eval_rollout.generate(self.rollout_model, self.tok, [prompt], cfg.train.eval_samples,
                                           temperature=1.0)
         errors_before = self.reward_errors
         scores = [self.score(prompt, c, f) for c, f in zip(batch.completions, batch.finished)]
@@ -590,7 +621,7 @@ class Trainer:
         env, k = self.env, self.env.eval_k
         prompts = env.eval_prompts()
         with self.autocast():
-            batch = self.rollout.generate(self.rollout_model, self.tok, prompts, k, temperature=1.0)
+            batch = self.eval_rollout.generate(self.rollout_model, self.tok, prompts, k, temperature=1.0)
         scores = self.score_batch(batch)
         per: list[list] = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
         m: dict[str, float] = {}
@@ -809,6 +840,7 @@ class Collected:
     dropped_groups: int = 0
     rounds: int = 0
     clusters: list = field(default_factory=list)  # mean clusters per group, per round
+    fr3e: list = field(default_factory=list)  # FR3E metrics per round
 
 
 def estimate(trainer: Trainer) -> dict[str, float]:
