@@ -32,3 +32,13 @@ def run_cli(args, cwd, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, "-m", "runner", *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
     )
+
+
+def only_run(cwd):
+    """The one MLflow run a CLI job in `cwd` made (local SQLite store), and its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{cwd / 'mlruns.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("runner").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0], runs[0].data.metrics

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import only_run, run_cli
 from envs.base import INVALID, Prompt
 from envs.math_problems import MathEnv, equivalent, extract_answer, normalise
 from envs.wordle import GRAY, GREEN, YELLOW, WordleEnv, consistent, feedback
@@ -166,11 +166,7 @@ def test_environment_runs_on_the_tiny_model(tmp_path, env_args):
     p = run_cli(["model=tiny", *env_args, "train.steps=2", "train.eval_every=2", "rollout.max_new_tokens=4",
                  f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    run = c.search_runs([c.get_experiment_by_name("runner").experiment_id])[0]
-    m = run.data.metrics
+    run, m = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert "eval/accuracy" in m and "eval/pass_at_2" in m and "eval/maj_at_2" in m and "groups/clusters_mean" in m
     if "env=wordle" in env_args:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import only_run, run_cli
 from runner.fr3e import FR3ERollout, select_anchors
 from runner.rollout import HFRollout, render
 
@@ -64,11 +64,7 @@ def test_fr3e_runs_with_the_divisor_shaper(tmp_path):
                  "train.eval_every=0", "train.eval_samples=8", "rollout.max_new_tokens=6", "algo.clip_high=0.28",
                  f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    run = c.search_runs([c.get_experiment_by_name("runner").experiment_id])[0]
-    m = run.data.metrics
+    run, m = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     for k in ("fr3e/anchors_per_trajectory", "fr3e/anchor_entropy", "fr3e/generated_tokens", "fr3e/branch_tokens"):
         assert k in m
