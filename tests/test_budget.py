@@ -145,7 +145,7 @@ def test_sweep_budget_skips_jobs_that_would_overrun(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*usd.yaml")))
 def test_budget_recipes_run_on_cpu_with_the_tiny_model(tmp_path, recipe):
     cfg = compose_cfg(tmp_path, f"recipe={recipe}", "model=tiny", "hardware=cpu", "train.steps=1",
-                      "train.prompts_per_step=2", "trainer.device=cpu")
+                      "train.prompts_per_step=2", "trainer.device=cpu", "algo.overlong.buffer=2")
     assert cfg.budget.cap_usd is not None  # a recipe states its budget
     t = run(cfg, tmp_path / "out", "{}")
     assert t.stop_reason == "completed" and t.step == 1
