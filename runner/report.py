@@ -144,7 +144,7 @@ def build(runs: list[RunSummary]) -> tuple[str, dict[str, str]]:
     order = [k for k in CLAIMS if k in by] + sorted(k for k in by if k not in CLAIMS)
     head = ("| recipe | seeds | " + " | ".join(f"p({a})" for a in ANSWERS)
             + " | valid rate | answer entropy | TV to uniform-valid | length first→last | post's claim | verdict |\n")
-    head += "|" + "---|" * (len(ANSWERS) + 9) + "\n"
+    head += "|" + "---|" * (len(ANSWERS) + 8) + "\n"
     rows, verdicts = [], {}
     for k in order:
         rs = by[k]

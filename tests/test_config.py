@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, run_cli
-from runner.config import ConfigError, validate
+from runner.config import ENV_NAMES, ConfigError, validate
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 
@@ -28,7 +28,7 @@ def test_every_option_composes_and_validates(group, option):
     if group == "hardware":  # a profile written into budget.*
         assert cfg.budget.hardware == option and cfg.budget.usd_per_device_hour > 0
     elif group == "recipe":  # a whole experiment: it sets other groups
-        assert cfg.env.name in ("dice", "even_dice") and cfg.train.steps >= 1
+        assert cfg.env.name in ENV_NAMES and cfg.train.steps >= 1
     else:
         assert getattr(cfg, group).name == option
 
