@@ -339,6 +339,9 @@ class DeepSpeedBackend(TorchBackend):
     # -- the update ------------------------------------------------------------------------
     def micro_batches(self, n_rows: int) -> list[list[int]]:
         k = self.gas
+        if n_rows < k:  # every rank must run the same number of micro-batches (collectives)
+            raise RuntimeError(f"{n_rows} rollouts on rank {self.rank} cannot fill trainer.grad_accum_steps={k} "
+                               f"micro-batches; lower trainer.grad_accum_steps or raise train.prompts_per_step")
         bounds = [round(i * n_rows / k) for i in range(k + 1)]
         return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
