@@ -268,6 +268,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     # zero: a reward function that raises gives that rollout reward 0 (counted, logged); fail: stop.
     on_reward_error: str = "zero"
+    # Stop (as finished, with the final evaluation) once this many rollout tokens have been
+    # generated, FR3E base trajectories included: compares rollout strategies or group sizes
+    # at an equal generation budget. train.steps stays the upper bound.
+    max_generated_tokens: Optional[int] = None
 
 
 @dataclass
@@ -501,6 +505,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
     _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
+    _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
+           t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
 
 
 def _check_math(e: EnvConfig) -> None:

@@ -39,6 +39,8 @@ from runner.tracking import Tracker
 log = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
+# stop reasons of a run that ended as configured (MLflow status FINISHED, exit code 0)
+FINISHED_REASONS = ("completed", "budget", "token_budget")
 
 
 def make_adamw(params, **kw) -> torch.optim.Optimizer:
@@ -121,6 +123,7 @@ class Trainer:
         self.last_ckpt_step = 0
         self.reward_errors = 0
         self.nonfinite_streak = self.nonfinite_total = 0
+        self.generated_tokens = 0  # rollout tokens sampled so far (FR3E base trajectories included)
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = make_env(cfg.env, cfg.seed)
@@ -398,6 +401,10 @@ class Trainer:
                 for sh, g in zip(rd[1], rd[6]):
                     groups.setdefault((owner, i, g), []).append(sh)
         zero_var = sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
+        # what generation cost this step, every rank and sampling round: the completions, plus
+        # FR3E's base trajectories (its branches' shared prefixes are counted there, once)
+        generated = sum(lengths) + sum(f.get("fr3e/base_tokens", 0.0) for r in recs for f in r["fr3e"])
+        self.generated_tokens += int(generated)
         m: dict[str, float] = {
             "reward/raw_mean": sum(raw) / len(raw),
             "reward/shaped_mean": sum(shaped_all) / len(shaped_all),
@@ -414,6 +421,8 @@ class Trainer:
             "time/generate_s": t_gen - t0,
             "time/train_s": t_end - t_gen,
             "throughput/tokens_per_s": sum(lengths) / (t_end - t0),
+            "tokens/generated": float(generated),
+            "tokens/generated_total": float(self.generated_tokens),
             **train_m,
         }
         m["errors/reward_total"] = bk.all_sum([self.reward_errors])[0]
@@ -672,7 +681,8 @@ class Trainer:
             "history": {"train": self.history.train, "eval": self.history.eval},
             "wall_seconds": self.meter.wall_seconds,
             "entropy_coef": self.adaptive.coef if self.adaptive else None,
-            "counters": {"reward_errors": self.reward_errors, "nonfinite_total": self.nonfinite_total},
+            "counters": {"reward_errors": self.reward_errors, "nonfinite_total": self.nonfinite_total,
+                         "generated_tokens": self.generated_tokens},
         }
         path = self.backend.save(self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
         self.last_ckpt_step = self.step
@@ -695,10 +705,15 @@ class Trainer:
 
         cfg = self.cfg
         total = cfg.train.steps
+        cap_tokens = cfg.train.max_generated_tokens
         bar = tqdm(total=total, initial=self.step, desc=f"{cfg.env.name}/{cfg.shaper.name}",
                    unit="step", dynamic_ncols=True, file=sys.stderr, disable=not self.backend.is_main)
         try:
             while self.step < total:
+                # the same count on every rank (summed over gathered rollouts): all stop together;
+                # checked first, so a stopped run resumed with the same budget stops again at once
+                if cap_tokens is not None and self.generated_tokens >= cap_tokens:
+                    return "token_budget"
                 # every rank stops at the same step: a signal on any rank, the budget on rank 0
                 budget = self.backend.is_main and self.meter.would_exceed(self.cap())
                 code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
@@ -735,7 +750,7 @@ class Trainer:
         only if it still fits; the checkpoint is always written."""
         eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.eval_seconds or None)
         due = self.last_eval_step != self.step and self.step > 0 and self.backend.is_main
-        if due and (reason == "completed" or (reason == "budget" and eval_fits)):
+        if due and (reason in ("completed", "token_budget") or (reason == "budget" and eval_fits)):
             m = self.evaluate()
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)
@@ -757,7 +772,7 @@ class Trainer:
                                "total_device_hours": f"{self.meter.device_hours:.5f}",
                                "total_usd": f"{self.meter.usd:.4f}"})
         self.log_artifacts()
-        self.tracker.end("FINISHED" if reason in ("completed", "budget") else "KILLED")
+        self.tracker.end("FINISHED" if reason in FINISHED_REASONS else "KILLED")
 
     def log_artifacts(self) -> None:
         from runner.plots import distribution_over_steps

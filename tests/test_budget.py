@@ -99,6 +99,32 @@ def test_a_tiny_cap_stops_the_run_by_budget(tmp_path):
     assert again.meter.usd >= spent[-1]
 
 
+def test_a_token_budget_stops_the_run_as_finished(tmp_path):
+    cfg = compose_cfg(tmp_path, "train.steps=1000", "train.eval_every=0", "train.max_generated_tokens=50")
+    t = run(cfg, tmp_path / "out", "{}")
+    assert t.stop_reason == "token_budget" and 1 < t.step < 1000
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    r = c.get_run(t.tracker.run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["stop_reason"] == "token_budget"
+    per_step = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "tokens/generated"), key=lambda m: m.step)]
+    total = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "tokens/generated_total"),
+                                     key=lambda m: m.step)]
+    assert len(per_step) == t.step and all(0 < x <= 2 * 3 * 4 for x in per_step)  # 2 groups x G=3 x 4 tokens
+    assert total == [sum(per_step[: i + 1]) for i in range(len(per_step))]
+    assert total[-2] < 50 <= total[-1]  # it stops at the first step that reaches the budget
+    assert "eval/reward_mean" in r.data.metrics  # the final evaluation ran
+    # the count is checkpointed: resumed with the same budget, the run stops before any step
+    again = run(cfg, tmp_path / "out", "{}")
+    assert again.stop_reason == "token_budget" and again.step == t.step and again.generated_tokens == total[-1]
+
+
+def test_a_bad_token_budget_is_refused():
+    from runner.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^train.max_generated_tokens"):
+        validate({"train": {"max_generated_tokens": 0}})
+
+
 def test_estimate_only_projects_and_logs_nothing(tmp_path, capsys):
     cfg = compose_cfg(tmp_path, "budget.estimate_only=true", "budget.estimate_steps=2", "hardware=a100",
                       "train.steps=40", "train.eval_every=10", "budget.cap_usd=0.000001")

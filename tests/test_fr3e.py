@@ -68,6 +68,8 @@ def test_fr3e_runs_with_the_divisor_shaper(tmp_path):
     assert run.info.status == "FINISHED"
     for k in ("fr3e/anchors_per_trajectory", "fr3e/anchor_entropy", "fr3e/generated_tokens", "fr3e/branch_tokens"):
         assert k in m
+    # the generation budget counts the base trajectories as well as the branches
+    assert m["tokens/generated"] == m["fr3e/generated_tokens"] > m["fr3e/branch_tokens"]
     # the random tiny model scores 0 everywhere: every anchor group is rejected, nothing is trained
     assert m["groups/dropped"] > 0 and m["train/skipped"] == 1.0
 
