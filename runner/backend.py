@@ -70,6 +70,7 @@ class TorchBackend:
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.gas = cfg.trainer.grad_accum_steps
 
     @property
     def is_main(self) -> bool:
@@ -127,7 +128,12 @@ class TorchBackend:
 
     # -- the update ------------------------------------------------------------------------
     def micro_batches(self, n_rows: int) -> list[list[int]]:
-        return [list(range(n_rows))]
+        """Rows cut into trainer.grad_accum_steps contiguous chunks (fewer if there are fewer
+        rows): one forward and backward each, gradients summed, one optimizer step. Peak
+        activation memory falls with the chunk size (long multi-turn episodes need it)."""
+        k = max(1, min(self.gas, n_rows))
+        bounds = [round(i * n_rows / k) for i in range(k + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -240,7 +246,6 @@ class DeepSpeedBackend(TorchBackend):
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.group_placement = cfg.trainer.group_placement
         self.stage = cfg.trainer.zero_stage
-        self.gas = cfg.trainer.grad_accum_steps
         self.loss_scale = float(self.world * self.gas)
         self.config = ds_config(cfg, self.world)
         self.engine = None
@@ -338,12 +343,10 @@ class DeepSpeedBackend(TorchBackend):
 
     # -- the update ------------------------------------------------------------------------
     def micro_batches(self, n_rows: int) -> list[list[int]]:
-        k = self.gas
-        if n_rows < k:  # every rank must run the same number of micro-batches (collectives)
-            raise RuntimeError(f"{n_rows} rollouts on rank {self.rank} cannot fill trainer.grad_accum_steps={k} "
+        if n_rows < self.gas:  # every rank must run the same number of micro-batches (collectives)
+            raise RuntimeError(f"{n_rows} rollouts on rank {self.rank} cannot fill trainer.grad_accum_steps={self.gas} "
                                f"micro-batches; lower trainer.grad_accum_steps or raise train.prompts_per_step")
-        bounds = [round(i * n_rows / k) for i in range(k + 1)]
-        return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+        return super().micro_batches(n_rows)
 
     def zero_grad(self) -> None:
         pass  # the engine zeroes after its step

@@ -894,7 +894,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
         ledger: Optional[SweepLedger] = None, job_id: str = "0", parent_run_id: Optional[str] = None,
         extra_tags: Optional[dict[str, str]] = None) -> Trainer:
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
-    that says how it ended: FINISHED (completed or budget), KILLED (signal) or FAILED."""
+    that says how it ended: FINISHED (completed, cost or token budget), KILLED (signal) or FAILED."""
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s (env=%s algo=%s shaper=%s model=%s)", output_dir, cfg.env.name, cfg.algo.name,
              cfg.shaper.name, cfg.model.name)
