@@ -93,10 +93,13 @@ def test_two_processes_match_one_on_the_same_global_batch(one_process, tmp_path,
     out = tmp_path / "world2.pt"
     torchrun(2, out, str(stage), placement, str(gas))
     two = torch.load(out)
-    assert abs(two["loss"] - one_process["loss"]) < 1e-6 and abs(one_process["loss"]) > 1e-3
+    assert abs(two["loss"] - one_process["loss"]) < 1e-6 and abs(one_process["loss"]) > 1e-3, (two["loss"],
+                                                                                            one_process["loss"])
     assert two["grad_norm"] == pytest.approx(one_process["grad_norm"], rel=1e-5)
     diff = (two["params"] - one_process["params"]).abs()
-    assert diff.max() < 2e-3 and diff.mean() < 1e-6
+    # said on failure: how many weights moved apart and by how much (a rare flake was seen once)
+    assert diff.max() < 2e-3 and diff.mean() < 1e-6, (diff.max().item(), diff.mean().item(),
+                                                      int((diff >= 2e-3).sum()))
     assert two["shaped"] == one_process["shaped"]
 
 
