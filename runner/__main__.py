@@ -71,7 +71,7 @@ def main(cfg: DictConfig) -> Optional[float]:
             sys.exit(result["returncode"] if result["returncode"] > 0 else 1)
         return result.get("objective", math.nan)
 
-    from runner.train import FINISHED_REASONS, NonFiniteError, run
+    from runner.train import CLEAN_EXIT_REASONS, NonFiniteError, run
 
     try:
         trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags)
@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if trainer.stop_reason not in FINISHED_REASONS + ("estimate",):
+    if trainer.stop_reason not in CLEAN_EXIT_REASONS:
         print(f"stopped by {trainer.stop_reason} at step {trainer.step}: checkpoint written, run marked KILLED; "
               f"the same command resumes it", file=sys.stderr)
         sys.exit(130)

@@ -100,7 +100,7 @@ def worker(job_file: Path) -> int:
 
     from runner.budget import CostMeter, SweepLedger
     from runner.config import validate
-    from runner.train import FINISHED_REASONS, NonFiniteError, run
+    from runner.train import CLEAN_EXIT_REASONS, NonFiniteError, run
 
     job = json.loads(Path(job_file).read_text())
     meter = CostMeter(0.0, spent_seconds=max(0.0, time.time() - job["started_at"]))  # from the launcher's start
@@ -118,7 +118,7 @@ def worker(job_file: Path) -> int:
         status = {"stop_reason": trainer.stop_reason, "step": trainer.step,
                   "objective": trainer.final_metrics.get(cfg.objective, math.nan),
                   "estimate": getattr(trainer, "estimate", None)}
-        code = 0 if trainer.stop_reason in FINISHED_REASONS + ("estimate",) else 130
+        code = 0 if trainer.stop_reason in CLEAN_EXIT_REASONS else 130
         trainer.backend.close()
     except KeyboardInterrupt:
         status, code = {"stop_reason": "interrupted"}, 130

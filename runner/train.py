@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "run_state.json"
 # stop reasons of a run that ended as configured (MLflow status FINISHED, exit code 0)
 FINISHED_REASONS = ("completed", "budget", "token_budget")
+# ... plus a price estimate (no training): the process exits 0 for these
+CLEAN_EXIT_REASONS = FINISHED_REASONS + ("estimate",)
 
 
 def make_adamw(params, **kw) -> torch.optim.Optimizer:
@@ -750,7 +752,7 @@ class Trainer:
         only if it still fits; the checkpoint is always written."""
         eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.eval_seconds or None)
         due = self.last_eval_step != self.step and self.step > 0 and self.backend.is_main
-        if due and (reason in ("completed", "token_budget") or (reason == "budget" and eval_fits)):
+        if due and reason in FINISHED_REASONS and (reason != "budget" or eval_fits):
             m = self.evaluate()
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)

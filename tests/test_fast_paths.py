@@ -135,7 +135,6 @@ def test_fused_adamw_matches_the_reference_update():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "dr_grpo"])  # seq-mean, token-mean, constant-norm aggregation
 def test_micro_batches_give_the_full_batch_update(tmp_path, algo):
     """trainer.grad_accum_steps cuts the batch for memory; the update must not change:
