@@ -2,9 +2,10 @@
 
 import os
 
-# Before torch is imported anywhere: on small shared CPUs, OpenMP's default spin-waiting
-# made small matmuls ~13x slower with 2 threads (DESIGN.md, "Machines").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from runner import threads
+
+# Before torch is imported anywhere: spin or sleep between ops (runner/threads.py).
+threads.choose()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"

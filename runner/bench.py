@@ -188,12 +188,17 @@ SIDES = {
 
 
 def child(a) -> None:
+    from runner import threads
+
     res = SIDES[a.side](a)
+    res["omp_wait_policy"] = f"{threads.POLICY.get('omp_wait_policy')} ({threads.POLICY.get('why')})"
     print("BENCH_JSON " + json.dumps(res))
 
 
 def _spawn(side: str, a) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    # both sides get this process's environment: each child then picks the same OpenMP wait
+    # policy (runner/threads.py; spinning on an idle machine) unless the caller set one
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", "runner.bench", "--side", side, *_settings(a)], env=env,
                        capture_output=True, text=True)
     for line in p.stdout.splitlines():
@@ -243,7 +248,8 @@ def main(argv=None) -> int:
             if "n_params" in res:
                 meta = res
             runs[s].append(summarise(res, a.group))
-            print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step", flush=True)
+            print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step  "
+                  f"(OpenMP wait policy: {res.get('omp_wait_policy')})", flush=True)
     print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
     for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "rss_gb"]:
         print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))

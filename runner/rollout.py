@@ -145,7 +145,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    # inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per
+    # vocabulary entry (5 ms a step for 6 x 49152 on 2 cores, ~10% of a decode step).
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # first index whose cdf exceeds u: never a zero-probability token
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 class HFRollout:
