@@ -2,10 +2,10 @@
 
 import os
 
-from runner import threads
+from runner import host
 
-# Before torch is imported anywhere: spin or sleep between ops (runner/threads.py).
-threads.choose()
+# Before torch is imported anywhere: OpenMP wait policy, allocator (runner/host.py).
+host.configure()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"

@@ -188,16 +188,16 @@ SIDES = {
 
 
 def child(a) -> None:
-    from runner import threads
+    from runner import host
 
     res = SIDES[a.side](a)
-    res["omp_wait_policy"] = f"{threads.POLICY.get('omp_wait_policy')} ({threads.POLICY.get('why')})"
+    res["omp_wait_policy"] = f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})"
     print("BENCH_JSON " + json.dumps(res))
 
 
 def _spawn(side: str, a) -> dict:
     # both sides get this process's environment: each child then picks the same OpenMP wait
-    # policy (runner/threads.py; spinning on an idle machine) unless the caller set one
+    # policy (runner/host.py; spinning on an idle machine) unless the caller set one
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", "runner.bench", "--side", side, *_settings(a)], env=env,
                        capture_output=True, text=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from runner import threads
+from runner import host
 from runner.config import RunConfig
 
 JOB_FILE = "job.json"
@@ -73,7 +73,7 @@ def launch(cfg: RunConfig, output_dir: Path, config_yaml: str, *, started_at: Op
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if cfg.trainer.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.trainer.num_threads)
-    if cfg.trainer.num_procs > 1 and not threads.user_set():
+    if cfg.trainer.num_procs > 1 and not host.user_set():
         # workers share this node's cores: spinning threads would steal them from each other
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.Popen(command(cfg, job_file, port), env=env)

@@ -23,7 +23,7 @@ import torch
 
 from envs import INVALID, Score, make_env
 from runner import checkpoint as ckpt
-from runner import threads
+from runner import host
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
                                top_entropy_mask)
@@ -250,7 +250,8 @@ class Trainer:
             "shaper": cfg.shaper.name,
             "model": cfg.model.name,
             "output_dir": str(self.output_dir),
-            "omp_wait_policy": f"{threads.POLICY.get('omp_wait_policy')} ({threads.POLICY.get('why')})",
+            "omp_wait_policy": f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})",
+            "malloc": host.POLICY.get("malloc", ""),
             **(extra_tags or {}),
         }
         name = cfg.tracking.run_name or f"{cfg.env.name}-{cfg.algo.name}-{cfg.shaper.name}-s{cfg.seed}"
