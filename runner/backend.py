@@ -43,6 +43,19 @@ def rollout_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def low_precision_copy(model, dtype: torch.dtype):
+    """The same module tree with floating weights and buffers in `dtype`, made without a
+    full-precision temporary (deepcopy is handed the converted tensors; tied weights stay
+    tied)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.to(dtype)
+    return copy.deepcopy(model, memo)
+
+
 def rollout_copy(model, dtype_name: str, device: str):
     """The weights rollouts sample from: the policy itself when dtypes agree, else a frozen
     low-precision copy kept in sync after every optimizer step (the fp32 policy stays the
@@ -50,7 +63,7 @@ def rollout_copy(model, dtype_name: str, device: str):
     dtype = rollout_dtype(dtype_name, device)
     if dtype == next(model.parameters()).dtype:
         return model
-    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    return low_precision_copy(model, dtype).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -78,14 +91,27 @@ class TorchBackend:
 
     # -- set-up ----------------------------------------------------------------------------
     def wrap(self, model, opt):
+        """trainer.precision=bf16: forward and backward run on a bfloat16 copy of the weights
+        (`compute_model`), whose gradients are added into the fp32 master weights the
+        optimizer steps; the copy is refreshed after each step and, when rollouts sample in
+        bfloat16 too, it is also the rollout copy (one low-precision copy, not two). On a
+        CPU with AMX this halves the training forward and backward and lowers peak memory
+        (bf16 activations, no second copy)."""
         self.model, self.opt = model, opt
+        self.compute_model = model
+        if precision(self.cfg) == "bf16" and next(model.parameters()).dtype == torch.float32:
+            self.compute_model = low_precision_copy(model, torch.bfloat16).train()
         return model, opt
 
     def rollout_model(self, model, dtype_name: str, device: str):
+        if self.compute_model is not model and rollout_dtype(dtype_name, device) == torch.bfloat16:
+            return self.compute_model
         return rollout_copy(model, dtype_name, device)
 
     def sync_rollout(self, rollout_model, model) -> None:
-        sync_rollout_weights(rollout_model, model)
+        sync_rollout_weights(self.compute_model, model)
+        if rollout_model is not self.compute_model:
+            sync_rollout_weights(rollout_model, model)
 
     def gathered(self, model):
         """Whole parameters inside the block (ZeRO-3 gathers them; elsewhere they are whole)."""
@@ -137,9 +163,16 @@ class TorchBackend:
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        if self.compute_model is not self.model:
+            self.compute_model.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.compute_model is not self.model:  # accumulate in fp32, free the bf16 gradients
+            for m, c in zip(self.model.parameters(), self.compute_model.parameters()):
+                if c.grad is not None:
+                    m.grad = c.grad.to(m.dtype) if m.grad is None else m.grad.add_(c.grad)
+                    c.grad = None
 
     def step(self, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
         """Clip and step; a non-finite gradient norm skips the step (never NaN weights)."""
@@ -163,6 +196,7 @@ class TorchBackend:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
+        sync_rollout_weights(self.compute_model, self.model)
         return state
 
     def export_hf(self, model, tokenizer, out: Path) -> Optional[Path]:
@@ -254,6 +288,7 @@ class DeepSpeedBackend(TorchBackend):
     def wrap(self, model, opt):
         engine, opt, _, _ = self.ds.initialize(model=model, optimizer=opt, config=self.config)
         self.engine, self.model, self.opt = engine, engine.module, opt
+        self.compute_model = engine.module  # DeepSpeed keeps its own bf16/fp32 master split
         if self.world > 1:  # other rollouts on each rank; the weights were made (alike) before this
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
         return engine.module, opt

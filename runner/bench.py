@@ -35,7 +35,7 @@ def _peak_rss_gb() -> float:
 
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-            rollout_dtype: str = "auto"):
+            rollout_dtype: str = "auto", precision: str = "fp32"):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -47,19 +47,19 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "algo": {"group_size": a.group, "lr": 5e-5},
         "rollout": {"max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
-                    "autocast": autocast},
+                    "autocast": autocast, "precision": precision},
         "train": {"prompts_per_step": 1},
     })
 
 
 def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-             rollout_dtype: str = "auto") -> dict:
+             rollout_dtype: str = "auto", precision: str = "fp32") -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision)
     t = Trainer(cfg, Path(tempfile.mkdtemp()))
     t.setup()
     steps = []
@@ -180,7 +180,9 @@ def step_flops(n_params: int, prompt_len: int, group: int, new_tokens: float) ->
 SIDES = {
     "ours": lambda a: run_ours(a),
     "ours_fp32_rollout": lambda a: run_ours(a, rollout_dtype="float32"),
-    "ours_bf16": lambda a: run_ours(a, autocast="bf16"),
+    # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
+    "ours_bf16": lambda a: run_ours(a, precision="bf16"),
+    "ours_autocast": lambda a: run_ours(a, autocast="bf16"),
     # the straightforward path: transformers generate, full forward per rollout
     "ours_reference": lambda a: run_ours(a, "generate", False, rollout_dtype="float32"),
     "trl": lambda a: run_trl(a),

@@ -212,6 +212,9 @@ class TrainerConfig:
     shared_prefix: bool = True
     # none | bf16: autocast forwards to bfloat16 (fp32 master weights and optimizer)
     autocast: str = "none"
+    # auto (bf16 on CUDA with bf16, else fp32) | fp32 | bf16: weights the forward and backward
+    # run on; bf16 keeps fp32 master weights and optimizer (DeepSpeed: its bf16 mode)
+    precision: str = "auto"
     # None leaves torch's default; see DESIGN.md on OpenMP spin-waiting.
     num_threads: Optional[int] = None
     # Micro-batches per optimizer step (gradients accumulated): less activation memory, same update.
@@ -223,7 +226,6 @@ class TrainerConfig:
     hostfile: Optional[str] = None  # DeepSpeed hostfile ("host slots=N" lines): several nodes
     master_port: Optional[int] = None  # None: a free port
     zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on CUDA with bf16, else fp32) | fp32 | bf16
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
     # local: each group lives on one rank (prompts split over ranks); gather: each group's
@@ -477,6 +479,7 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("trainer.name", c.trainer.name, TRAINER_NAMES)
     _one_of("trainer.device", c.trainer.device, DEVICES)
     _one_of("trainer.autocast", c.trainer.autocast, ("none", "bf16"))
+    _one_of("trainer.precision", c.trainer.precision, ("auto", "fp32", "bf16"))
     _check(c.trainer.num_threads is None or c.trainer.num_threads >= 1,
            "trainer.num_threads", c.trainer.num_threads, "must be >= 1 or null")
     _check(c.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps", c.trainer.grad_accum_steps, "must be >= 1")
@@ -533,7 +536,6 @@ def _check_deepspeed(c: RunConfig) -> None:
     _check(t.num_procs >= 1, "trainer.num_procs", t.num_procs, "must be >= 1")
     _one_of("trainer.launcher", t.launcher, ("torchrun", "deepspeed"))
     _one_of("trainer.zero_stage", t.zero_stage, (0, 1, 2, 3))
-    _one_of("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
     _one_of("trainer.group_placement", t.group_placement, ("local", "gather"))
     _check(not t.offload_params or t.zero_stage == 3, "trainer.offload_params", t.offload_params,
            "needs trainer.zero_stage=3 (only ZeRO-3 partitions the parameters)")

@@ -493,7 +493,7 @@ class Trainer:
                 mb_mask = mask[idx]
                 mb_emask = None if entropy_mask is None else entropy_mask[idx]
                 with self.autocast():
-                    logp, ent = sequence_logprobs(self.model, mb, self.cfg.trainer.shared_prefix)
+                    logp, ent = sequence_logprobs(bk.compute_model, mb, self.cfg.trainer.shared_prefix)
                 if old_logp[j] is None:  # the policy that sampled: this first forward, detached
                     old_logp[j] = logp.detach()
                     if j == 0:

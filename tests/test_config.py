@@ -56,6 +56,7 @@ def test_defaults_are_the_main_job():
         (["+train.stepz=3"], "train.stepz: unknown key; allowed keys in train: steps,"),
         (["model.path=/no/such/model"], "model.path='/no/such/model': does not exist"),
         (["algo.clip_low=1.5"], "algo.clip_low=1.5: must be in [0, 1)"),
+        (["trainer.precision=fp16"], "trainer.precision='fp16': must be one of auto, fp32, bf16"),
     ],
 )
 def test_bad_values_name_the_key(overrides, first_line):
