@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from envs.base import Prompt
+from runner.packed_linears import packed_linears
 
 
 @dataclass
@@ -158,7 +159,8 @@ class HFRollout:
 
     engine "loop" (default): prefill each distinct prompt once, copy its KV cache to the G
     rollouts of its group, then a lean sampling loop (no logits processors, stops when all
-    rows hit EOS). engine "generate": `model.generate`, the reference path.
+    rows hit EOS; bf16 weights on CPU are packed for oneDNN while it runs:
+    runner/packed_linears.py). engine "generate": `model.generate`, the reference path.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
@@ -216,6 +218,10 @@ class HFRollout:
         )
 
     def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature) -> torch.Tensor:
+        with packed_linears(model, rows_hint=prompt_ids.shape[0] * group_size):
+            return self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature)
+
+    def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature) -> torch.Tensor:
         pos = position_ids(prompt_attn)
         out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
                     logits_to_keep=1)

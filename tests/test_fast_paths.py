@@ -6,6 +6,8 @@ import torch
 from envs import Prompt
 from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss
 from runner.forward import sequence_logprobs
+from runner.packed_linears import packed_linears
+from runner.packed_linears import supported as packed_supported
 from runner.rollout import HFRollout, concat, sample_next, select
 
 PROMPTS = [Prompt((("user", "roll a dice."),), "<answer>"),
@@ -240,3 +242,28 @@ def test_bf16_precision_steps_fp32_master_weights(tmp_path):
         assert torch.equal(c.detach(), p.detach().to(torch.bfloat16))
     for p, q in zip(again.model.parameters(), t.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not packed_supported(torch.nn.Linear(2, 2).to(torch.bfloat16)),
+                    reason="this CPU/torch build has no oneDNN bf16 kernels")
+def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
+    """bf16 CPU decoding with oneDNN-packed weights: same tokens, same log-probs, same
+    seed; the modules are plain again afterwards (the next update changes the weights)."""
+    import contextlib
+
+    import runner.rollout as rollout_mod
+    from runner.backend import low_precision_copy
+
+    model, tok = tiny
+    low = low_precision_copy(model, torch.bfloat16).eval()
+    with packed_linears(low, 6) as n:
+        assert n == sum(type(m) is torch.nn.Linear for m in low.modules()) > 0
+    assert not any("forward" in m.__dict__ for m in low.modules())
+    prompts = PROMPTS  # two lengths: left padding too
+    torch.manual_seed(5)
+    packed = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
+    monkeypatch.setattr(rollout_mod, "packed_linears", lambda model, rows_hint: contextlib.nullcontext(0))
+    torch.manual_seed(5)
+    plain = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
+    assert torch.equal(packed.input_ids, plain.input_ids)
+    torch.testing.assert_close(packed.sampler_logprobs, plain.sampler_logprobs, rtol=0, atol=0)
