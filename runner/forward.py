@@ -34,6 +34,17 @@ def sequence_logprobs(model, batch: RolloutBatch, shared_prefix: bool = False) -
     return token_logprobs(out.logits[:, :-1], batch.completion_ids)
 
 
+# config attributes of models whose causal-LM forward changes the head's logits (soft-capping,
+# scaling): for these the logits come from the model's own forward, never from the head alone
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _head_is_plain(model) -> bool:
+    cfg = model.config
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING))
+
+
 def _shared_prefix(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
     P = batch.prompt_len
     comp = batch.completion_ids
@@ -41,6 +52,8 @@ def _shared_prefix(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tens
     prompt_ids, prompt_attn = batch.input_ids[:, :P], batch.attention_mask[:, :P]
     uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_attn], 1), dim=0, return_inverse=True)
     u_ids, u_attn = uniq[:, :P], uniq[:, P:]
+    if C > 1 and _head_is_plain(model):
+        return _shared_prefix_one_head(model, batch, u_ids, u_attn, inverse)
     pre = model(input_ids=u_ids, attention_mask=u_attn, position_ids=position_ids(u_attn), use_cache=True,
                 logits_to_keep=1)
     first = pre.logits[:, -1][inverse].unsqueeze(1)  # predicts each rollout's first token
@@ -68,3 +81,26 @@ def _model_tokens_only(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.
     logp = torch.zeros(comp.shape, dtype=lp.dtype, device=lp.device).masked_scatter(where, lp[0])
     entropy = torch.zeros(comp.shape, dtype=ent.dtype, device=ent.device).masked_scatter(where, ent[0])
     return logp, entropy
+
+
+def _shared_prefix_one_head(model, batch: RolloutBatch, u_ids: torch.Tensor, u_attn: torch.Tensor,
+                            inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-prefix forward with one embedding lookup (prompts and completions
+    together) and one LM-head product over every predicted position. Same numbers as two
+    model calls; where the embedding and the head share one weight (tied, as in the default
+    model) its gradient is built from two dense [vocab x hidden] terms instead of four:
+    ~15% of a bf16 backward on the default model."""
+    P, comp = batch.prompt_len, batch.completion_ids
+    B, C = comp.shape
+    decoder = model.get_decoder()
+    embeds = model.get_input_embeddings()(torch.cat([u_ids.flatten(), comp[:, :-1].flatten()]))
+    n = u_ids.numel()
+    pre = decoder(inputs_embeds=embeds[:n].view(*u_ids.shape, -1), attention_mask=u_attn,
+                  position_ids=position_ids(u_attn), use_cache=True)
+    cache = pre.past_key_values
+    cache.batch_select_indices(inverse)
+    attn = batch.attention_mask[:, : P + C - 1]
+    rest = decoder(inputs_embeds=embeds[n:].view(B, C - 1, -1), attention_mask=attn,
+                   position_ids=position_ids(attn)[:, P:], past_key_values=cache, use_cache=True)
+    hidden = torch.cat([pre.last_hidden_state[:, -1:][inverse], rest.last_hidden_state], dim=1)
+    return token_logprobs(model.get_output_embeddings()(hidden), comp)

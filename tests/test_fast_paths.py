@@ -20,7 +20,18 @@ def batch(tiny, engine="loop", seed=0, n=8, group=3):
     return HFRollout(max_new_tokens=n, engine=engine).generate(model, tok, PROMPTS, group)
 
 
-def test_shared_prefix_forward_equals_full_forward(tiny):
+@pytest.fixture(params=["one_head", "two_calls"])
+def shared_path(request, monkeypatch):
+    """The shared-prefix forward's two forms: one embedding lookup and one LM-head product
+    (plain heads), or two whole-model calls (heads whose logits the model post-processes)."""
+    import runner.forward as forward
+
+    if request.param == "two_calls":
+        monkeypatch.setattr(forward, "_head_is_plain", lambda model: False)
+    return request.param
+
+
+def test_shared_prefix_forward_equals_full_forward(tiny, shared_path):
     model, _ = tiny
     b = batch(tiny)
     model.eval()
@@ -33,7 +44,7 @@ def test_shared_prefix_forward_equals_full_forward(tiny):
     torch.testing.assert_close(shared[1][m], full[1][m], atol=1e-4, rtol=1e-4)
 
 
-def test_shared_prefix_gradients_equal_full_ones(tiny):
+def test_shared_prefix_gradients_equal_full_ones(tiny, shared_path):
     model, _ = tiny
     # rows from two rounds with different padding, as dynamic sampling builds them
     b = concat([batch(tiny, seed=1), select(batch(tiny, seed=2), [3, 4, 5])], 0)
@@ -54,6 +65,15 @@ def test_shared_prefix_gradients_equal_full_ones(tiny):
     assert l_shared == pytest.approx(l_full, rel=1e-5, abs=1e-6)
     for a, b_ in zip(g_shared, g_full):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-4)
+
+
+def test_logit_postprocessing_models_keep_their_own_forward(tiny, monkeypatch):
+    from runner.forward import _head_is_plain
+
+    model, _ = tiny
+    assert _head_is_plain(model)
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert not _head_is_plain(model)
 
 
 def test_sampling_loop_equals_generate_when_greedy(tiny):
