@@ -175,8 +175,13 @@ class TorchBackend:
                     c.grad = None
 
     def step(self, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
-        """Clip and step; a non-finite gradient norm skips the step (never NaN weights)."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        """Clip and step; a non-finite gradient norm skips the step (never NaN weights).
+        The rescale (a pass over every gradient, ~40 ms for 135M parameters on 2 cores)
+        runs only when the norm is over the limit, where clip_grad_norm_ would scale by 1."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if bool(torch.isfinite(grad_norm)) and float(grad_norm) + 1e-6 > max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
         if bool(torch.isfinite(grad_norm)):
             self.opt.step()
             return grad_norm, True

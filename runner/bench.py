@@ -78,7 +78,8 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
 
     n_params = sum(p.numel() for p in t.model.parameters())
     prompt_len = len(t.tok(render(t.tok, t.env.prompts(0, 1)[0]), add_special_tokens=False)["input_ids"])
-    return {"steps": steps, "rss_gb": _peak_rss_gb(), "n_params": n_params, "prompt_len": prompt_len}
+    return {"steps": steps, "rss_gb": _peak_rss_gb(), "n_params": n_params, "prompt_len": prompt_len,
+            "rollout_bytes": next(t.rollout_model.parameters()).element_size()}
 
 
 def run_trl(a) -> dict:
@@ -167,6 +168,21 @@ def matmul_gflops(threads: int | None) -> dict:
     return out
 
 
+def read_gbs(threads: int | None) -> float:
+    """Measured memory read bandwidth: summing a 512 MB tensor (larger than any cache)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.randn(128 * 1024 * 1024)
+    x.sum()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        x.sum()
+        reps += 1
+    return x.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def step_flops(n_params: int, prompt_len: int, group: int, new_tokens: float) -> dict:
     """2N FLOPs per token forward, 4N backward (attention terms are small at these lengths).
     Generation: one prompt prefill plus G x new tokens decoded; training: shared prompt
@@ -247,7 +263,7 @@ def main(argv=None) -> int:
     for r in range(a.repeats):
         for s in sides:
             res = _spawn(s, a)
-            if "n_params" in res:
+            if "n_params" in res and not meta:  # the limit lines describe the first side
                 meta = res
             runs[s].append(summarise(res, a.group))
             print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step  "
@@ -277,6 +293,13 @@ def main(argv=None) -> int:
             got = statistics.median(x[k] for x in ours)
             lim = f / peak / 1e9
             print(f"  {k:<10} limit {lim:.3f} s   {sides[0]} {got:.3f} s   ({got / lim:.1f}x the limit)")
+        # decoding a few rows reads every weight once per token: a bandwidth floor as well
+        bw = read_gbs(a.threads)
+        wbytes = meta["n_params"] * meta.get("rollout_bytes", 2)
+        lim = wbytes * new_tokens / bw / 1e9
+        got = statistics.median(x["generate"] for x in ours)
+        print(f"  generate   bandwidth limit {lim:.3f} s ({wbytes / 1e6:.0f} MB of rollout weights read per decode "
+              f"step x {new_tokens:.1f} steps at {bw:.1f} GB/s measured)   {sides[0]} {got:.3f} s   ({got / lim:.1f}x)")
     return 0
 
 

@@ -174,6 +174,34 @@ def test_fused_adamw_matches_the_reference_update():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # under and over the clipping limit
+def test_step_clips_like_clip_grad_norm(scale):
+    """The backend skips the rescale under the limit; the update must be clip_grad_norm_'s."""
+    from omegaconf import OmegaConf
+
+    from runner.backend import TorchBackend
+    from runner.config import validate
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
+    b = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
+    b.load_state_dict(a.state_dict())
+    bk = TorchBackend(validate(OmegaConf.create({})))
+    bk.wrap(a, torch.optim.AdamW(a.parameters(), lr=1e-2))
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    norm, stepped = bk.step(1.0)
+    want = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+    ref.step()
+    assert stepped and float(norm) == pytest.approx(float(want), rel=1e-6)
+    assert (float(norm) > 1.0) == (scale > 1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "dr_grpo"])  # seq-mean, token-mean, constant-norm aggregation
 def test_micro_batches_give_the_full_batch_update(tmp_path, algo):
     """trainer.grad_accum_steps cuts the batch for memory; the update must not change:
