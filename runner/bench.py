@@ -82,7 +82,7 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
             "rollout_bytes": next(t.rollout_model.parameters()).element_size()}
 
 
-def run_trl(a) -> dict:
+def run_trl(a, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -136,7 +136,7 @@ def run_trl(a) -> dict:
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl-bench"), num_generations=a.group,
         per_device_train_batch_size=a.group, max_completion_length=a.new_tokens, max_steps=a.steps,
         learning_rate=5e-5, temperature=1.0, beta=0.0, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=a.device == "cpu", bf16=False, seed=a.seed, top_k=0, disable_tqdm=True,
+        use_cpu=a.device == "cpu", bf16=bf16, seed=a.seed, top_k=0, disable_tqdm=True,
     )
     ds = Dataset.from_dict({"prompt": [text] * (a.steps * a.group)})
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
@@ -202,6 +202,8 @@ SIDES = {
     # the straightforward path: transformers generate, full forward per rollout
     "ours_reference": lambda a: run_ours(a, "generate", False, rollout_dtype="float32"),
     "trl": lambda a: run_trl(a),
+    # TRL's own default: bf16 mixed precision (autocast) with fp32 weights
+    "trl_bf16": lambda a: run_trl(a, bf16=True),
 }
 
 
@@ -271,14 +273,17 @@ def main(argv=None) -> int:
     print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
     for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "rss_gb"]:
         print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))
-    if "trl" in sides:
+    for base in ("trl", "trl_bf16"):
+        if base not in sides:
+            continue
         for s in sides:
-            if s == "trl":
+            if s.startswith("trl"):
                 continue
-            ratios = sorted(t["step"] / o["step"] for o, t in zip(runs[s], runs["trl"]))
-            print(f"\nspeed-up {s} vs TRL (TRL s/step / ours): min {ratios[0]:.2f}x  median "
+            ratios = sorted(t["step"] / o["step"] for o, t in zip(runs[s], runs[base]))
+            rss = statistics.median(x["rss_gb"] for x in runs[s]) / statistics.median(x["rss_gb"] for x in runs[base])
+            print(f"\nspeed-up {s} vs {base} ({base} s/step / ours): min {ratios[0]:.2f}x  median "
                   f"{statistics.median(ratios):.2f}x  max {ratios[-1]:.2f}x")
-            print(f"peak RSS {s}/TRL: {statistics.median(x['rss_gb'] for x in runs[s]) / statistics.median(x['rss_gb'] for x in runs['trl']):.2f}")
+            print(f"peak RSS {s}/{base}: {rss:.2f}")
     if meta:
         g = matmul_gflops(a.threads)
         ours = runs[sides[0]]
