@@ -35,7 +35,7 @@ def _peak_rss_gb() -> float:
 
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-            rollout_dtype: str = "auto", precision: str = "fp32"):
+            rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf"):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -45,7 +45,7 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "env": {"name": "even_dice"},
         "shaper": {"name": "none"},
         "algo": {"group_size": a.group, "lr": 5e-5},
-        "rollout": {"max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
+        "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
                     "autocast": autocast, "precision": precision},
         "train": {"prompts_per_step": 1},
@@ -53,13 +53,17 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
 
 
 def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-             rollout_dtype: str = "auto", precision: str = "fp32") -> dict:
+             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf") -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout)
+    if rollout == "vllm":
+        from runner.rollout_vllm import check_available
+
+        check_available(cfg)  # a one-line reason (no GPU, no vllm) before anything loads
     t = Trainer(cfg, Path(tempfile.mkdtemp()))
     t.setup()
     steps = []
@@ -199,6 +203,8 @@ SIDES = {
     # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
     "ours_bf16": lambda a: run_ours(a, precision="bf16"),
     "ours_autocast": lambda a: run_ours(a, autocast="bf16"),
+    # GPU only (--device cuda, pip install '.[gpu]'): vLLM generation, bf16 training
+    "ours_vllm": lambda a: run_ours(a, precision="bf16", rollout="vllm"),
     # the straightforward path: transformers generate, full forward per rollout
     "ours_reference": lambda a: run_ours(a, "generate", False, rollout_dtype="float32"),
     "trl": lambda a: run_trl(a),
