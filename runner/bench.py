@@ -1,6 +1,6 @@
 """Step-time benchmark: our training step against TRL's GRPOTrainer on identical settings.
 
-    python -m runner.bench                       # default model, G=6, 24 new tokens, 6 steps x 3 repeats
+    python -m runner.bench                       # ours, ours_bf16, trl: default model, G=6, 24 new tokens, 6 steps x 3 repeats
     python -m runner.bench --model tiny --steps 4 --repeats 1
     make bench
 
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--sides", default="ours,trl", help=f"comma list of {', '.join(SIDES)}")
+    p.add_argument("--sides", default="ours,ours_bf16,trl", help=f"comma list of {', '.join(SIDES)}")
     a = p.parse_args(argv)
     if a.side:
         child(a)

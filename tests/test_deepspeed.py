@@ -97,9 +97,11 @@ def test_two_processes_match_one_on_the_same_global_batch(one_process, tmp_path,
                                                                                             one_process["loss"])
     assert two["grad_norm"] == pytest.approx(one_process["grad_norm"], rel=1e-5)
     diff = (two["params"] - one_process["params"]).abs()
-    # said on failure: how many weights moved apart and by how much (a rare flake was seen once)
-    assert diff.max() < 2e-3 and diff.mean() < 1e-6, (diff.max().item(), diff.mean().item(),
-                                                      int((diff >= 2e-3).sum()))
+    # Adam's first step is lr * g / (|g| + eps): a weight whose true gradient is ~0 gets
+    # +-lr from the sign of its float-reordering noise, so a handful of the ~3M weights
+    # may differ by up to 2 lr (seen once in ~20 runs); a wrong reduction moves most of them
+    far = int((diff >= 2e-3).sum())
+    assert far <= 32 and diff.mean() < 1e-6, (diff.max().item(), diff.mean().item(), far)
     assert two["shaped"] == one_process["shaped"]
 
 
