@@ -187,8 +187,8 @@ def test_step_clips_like_clip_grad_norm(scale):
     b = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
     b.load_state_dict(a.state_dict())
     bk = TorchBackend(validate(OmegaConf.create({})))
-    bk.wrap(a, torch.optim.AdamW(a.parameters(), lr=1e-2))
-    ref = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    bk.wrap(a, torch.optim.SGD(a.parameters(), lr=1e-1))  # SGD: the weights show the clipped gradient
+    ref = torch.optim.SGD(b.parameters(), lr=1e-1)
     for p, q in zip(a.parameters(), b.parameters()):
         p.grad = torch.randn_like(p) * scale
         q.grad = p.grad.clone()
