@@ -95,8 +95,8 @@ class TorchBackend:
         (`compute_model`), whose gradients are added into the fp32 master weights the
         optimizer steps; the copy is refreshed after each step and, when rollouts sample in
         bfloat16 too, it is also the rollout copy (one low-precision copy, not two). On a
-        CPU with AMX this halves the training forward and backward and lowers peak memory
-        (bf16 activations, no second copy)."""
+        CPU with AMX this cuts the training forward and backward by ~30% and lowers peak
+        memory (bf16 activations, no second copy)."""
         self.model, self.opt = model, opt
         self.compute_model = model
         if precision(self.cfg) == "bf16" and next(model.parameters()).dtype == torch.float32:
@@ -180,9 +180,9 @@ class TorchBackend:
         runs only when the norm is over the limit, where clip_grad_norm_ would scale by 1."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if bool(torch.isfinite(grad_norm)) and float(grad_norm) + 1e-6 > max_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
         if bool(torch.isfinite(grad_norm)):
+            if float(grad_norm) + 1e-6 > max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
             self.opt.step()
             return grad_norm, True
         self.opt.zero_grad(set_to_none=True)

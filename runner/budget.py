@@ -53,8 +53,10 @@ class CostMeter:
         self._recent.append(seconds)
 
     def next_step_seconds(self) -> float:
-        """Mean of the recent step times (0 before the first step: nothing to project from)."""
-        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+        """The slowest of the recent step times (0 before the first step: nothing to project
+        from). The slowest, not the mean: with the mean, any step slower than average
+        (half of them) would push a run that stops at its cap just over it."""
+        return max(self._recent) if self._recent else 0.0
 
     def would_exceed(self, cap_usd: Optional[float], extra_seconds: Optional[float] = None) -> bool:
         """Whether spending `extra_seconds` more (default: one more step) crosses the cap."""

@@ -39,9 +39,9 @@ def test_projection_uses_recent_steps():
     assert not m.would_exceed(5.5)  # no step timed yet: nothing to project
     for s in (10.0, 2.0, 4.0):
         m.record_step(s)
-    assert m.next_step_seconds() == pytest.approx(3.0)  # mean of the last two
-    assert not m.would_exceed(8.0)
-    assert m.would_exceed(7.9)
+    assert m.next_step_seconds() == pytest.approx(4.0)  # the slower of the last two
+    assert not m.would_exceed(9.0)
+    assert m.would_exceed(8.9)
     assert m.would_exceed(5.5, extra_seconds=1.0)
 
 

@@ -1,0 +1,62 @@
+"""Process settings made at `import runner` (runner/host.py), checked in fresh processes:
+the OpenMP wait policy must be chosen before torch loads, and the allocator setting must
+really stop freed memory from coming back as page faults."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+PROBE = """
+import json, resource, runner, torch
+from runner import host
+torch.set_num_threads(1)
+def faults():
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):  # gradient-sized tensors (40 MB, over glibc's 32 MB mmap ceiling), freed together
+        xs = [torch.ones(10_000_000) for _ in range(3)]
+        del xs
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+faults()
+print(json.dumps({**host.POLICY, "faults": faults(), "env": __import__("os").environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def probe(**env_changes) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+           and not k.startswith("MALLOC_")}
+    env.update(env_changes)
+    p = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_the_users_wait_policy_wins():
+    got = probe(OMP_WAIT_POLICY="ACTIVE")
+    assert got["omp_wait_policy"] == "ACTIVE" and got["why"] == "set in the environment" and got["env"] == "ACTIVE"
+
+
+def test_busy_cores_make_threads_sleep():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        got = probe()
+    finally:
+        hog.kill()
+    assert got["omp_wait_policy"] == "PASSIVE" and got["env"] == "PASSIVE", got
+    assert got["why"].endswith("cores busy at start")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_freed_memory_is_reused_without_page_faults():
+    kept = probe()
+    assert kept["malloc"] == "keep freed memory"
+    system = probe(MALLOC_ARENA_MAX="8")  # any MALLOC_* variable: glibc's own behaviour
+    assert system["malloc"].startswith("system")
+    # 5 x 3 x 40 MB allocated and freed: ~10k faults each under glibc's default, ~none kept
+    assert system["faults"] > 100_000 and kept["faults"] < 5_000, (kept, system)
