@@ -52,17 +52,21 @@ class CostMeter:
     def record_step(self, seconds: float) -> None:
         self._recent.append(seconds)
 
+
     def next_step_seconds(self) -> float:
         """The slowest of the recent step times (0 before the first step: nothing to project
         from). The slowest, not the mean: with the mean, any step slower than average
         (half of them) would push a run that stops at its cap just over it."""
         return max(self._recent) if self._recent else 0.0
 
-    def would_exceed(self, cap_usd: Optional[float], extra_seconds: Optional[float] = None) -> bool:
-        """Whether spending `extra_seconds` more (default: one more step) crosses the cap."""
+    def would_exceed(self, cap_usd: Optional[float], extra_seconds: Optional[float] = None,
+                     periodic_seconds: float = 0.0) -> bool:
+        """Whether spending `extra_seconds` more crosses the cap; by default one more step
+        plus `periodic_seconds` (the evaluation or checkpoint that step will also do: they
+        come every N steps, so the recent-steps window does not hold them)."""
         if cap_usd is None:
             return False
-        extra = self.next_step_seconds() if extra_seconds is None else extra_seconds
+        extra = self.next_step_seconds() + periodic_seconds if extra_seconds is None else extra_seconds
         return self.usd + self.usd_for(extra) > cap_usd
 
     def metrics(self) -> dict[str, float]:

@@ -122,6 +122,7 @@ class Trainer:
         self.cfg = cfg
         self.ledger, self.job_id = ledger, job_id
         self.eval_seconds = 0.0
+        self.save_seconds = 0.0  # the last periodic checkpoint's save time (budget projection)
         self.last_eval_step = -1
         self.last_ckpt_step = 0
         self.reward_errors = 0
@@ -720,7 +721,11 @@ class Trainer:
                 if cap_tokens is not None and self.generated_tokens >= cap_tokens:
                     return "token_budget"
                 # every rank stops at the same step: a signal on any rank, the budget on rank 0
-                budget = self.backend.is_main and self.meter.would_exceed(self.cap())
+                nxt = self.step + 1
+                periodic = ((self.save_seconds if nxt % cfg.train.checkpoint_every == 0 else 0.0)
+                            + (self.eval_seconds if cfg.train.eval_every and nxt % cfg.train.eval_every == 0
+                               and nxt < total else 0.0))
+                budget = self.backend.is_main and self.meter.would_exceed(self.cap(), periodic_seconds=periodic)
                 code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
                 if code:
                     return {v: k for k, v in STOP_CODES.items()}[code]
@@ -728,8 +733,10 @@ class Trainer:
                 self.step += 1
                 m = self.train_step()
                 due = cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total
+                t_eval = time.perf_counter()
                 if due and self.backend.is_main:  # evaluation needs no other rank
                     m.update(self.evaluate())
+                t_eval = time.perf_counter() - t_eval
                 m.update(self.meter.metrics())
                 if self.ledger is not None:
                     m["cost/sweep_usd"] = self.ledger.charge(self.job_id, self.meter.usd)
@@ -738,13 +745,17 @@ class Trainer:
                 bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
                                 valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
+                t_save = time.perf_counter()
                 if self.step % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint()
+                    self.save_seconds = time.perf_counter() - t_save
                 elif self.step % cfg.tracking.flush_every == 0:
                     # metrics past the last checkpoint wait for the next one (a crash would
                     # recompute those steps); this sends the rest and retries if offline
                     self.tracker.flush(upto_step=self.last_ckpt_step)
-                self.meter.record_step(time.perf_counter() - t0)
+                    t_save = time.perf_counter()
+                # the step alone: evaluations and checkpoints are projected on their own
+                self.meter.record_step(t_save - t0 - t_eval)
             return "completed"
         finally:
             bar.close()

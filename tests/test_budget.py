@@ -43,6 +43,9 @@ def test_projection_uses_recent_steps():
     assert not m.would_exceed(9.0)
     assert m.would_exceed(8.9)
     assert m.would_exceed(5.5, extra_seconds=1.0)
+    # a step that will also evaluate or save a checkpoint: that time on top
+    assert not m.would_exceed(9.0) and m.would_exceed(9.0, periodic_seconds=2.0)
+    assert not m.would_exceed(11.0, periodic_seconds=2.0)
 
 
 def test_ledger_admits_charges_and_refuses(tmp_path):
