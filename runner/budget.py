@@ -52,7 +52,6 @@ class CostMeter:
     def record_step(self, seconds: float) -> None:
         self._recent.append(seconds)
 
-
     def next_step_seconds(self) -> float:
         """The slowest of the recent step times (0 before the first step: nothing to project
         from). The slowest, not the mean: with the mean, any step slower than average

@@ -217,7 +217,8 @@ class HFRollout:
             sampler_logprobs=sampler_logprobs,
         )
 
-    def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature) -> torch.Tensor:
+    def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
+                     temperature) -> tuple[torch.Tensor, torch.Tensor]:
         # inference mode: no autograd bookkeeping on the ~700 small ops of each decode step
         # (~2 ms a token on the default model); its outputs are cloned out of it, since
         # the training forward takes the sampled ids as inputs
@@ -225,7 +226,8 @@ class HFRollout:
             tokens, logps = self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature)
         return tokens.clone(), logps.clone()
 
-    def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature) -> torch.Tensor:
+    def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
+                      temperature) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids(prompt_attn)
         out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
                     logits_to_keep=1)

@@ -705,6 +705,11 @@ class Trainer:
             caps.append(self.ledger.cap_usd - self.ledger.others_spent(self.job_id))
         return min(caps) if caps else None
 
+    def evaluates_at(self, step: int) -> bool:
+        """A periodic evaluation after this step (the last step's is the final evaluation)."""
+        every = self.cfg.train.eval_every
+        return bool(every) and step % every == 0 and step < self.cfg.train.steps
+
     def fit(self, stop: StopFlag) -> str:
         """Train to train.steps; returns why it stopped: completed, budget or a signal name."""
         from tqdm import tqdm
@@ -723,8 +728,7 @@ class Trainer:
                 # every rank stops at the same step: a signal on any rank, the budget on rank 0
                 nxt = self.step + 1
                 periodic = ((self.save_seconds if nxt % cfg.train.checkpoint_every == 0 else 0.0)
-                            + (self.eval_seconds if cfg.train.eval_every and nxt % cfg.train.eval_every == 0
-                               and nxt < total else 0.0))
+                            + (self.eval_seconds if self.evaluates_at(nxt) else 0.0))
                 budget = self.backend.is_main and self.meter.would_exceed(self.cap(), periodic_seconds=periodic)
                 code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
                 if code:
@@ -732,9 +736,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.step += 1
                 m = self.train_step()
-                due = cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total
                 t_eval = time.perf_counter()
-                if due and self.backend.is_main:  # evaluation needs no other rank
+                if self.evaluates_at(self.step) and self.backend.is_main:  # evaluation needs no other rank
                     m.update(self.evaluate())
                 t_eval = time.perf_counter() - t_eval
                 m.update(self.meter.metrics())
