@@ -748,17 +748,17 @@ class Trainer:
                 bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
                                 valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
-                t_save = time.perf_counter()
-                if self.step % cfg.train.checkpoint_every == 0:
+                saved = self.step % cfg.train.checkpoint_every == 0
+                if saved:
+                    t_save = time.perf_counter()
                     self.save_checkpoint()
                     self.save_seconds = time.perf_counter() - t_save
                 elif self.step % cfg.tracking.flush_every == 0:
                     # metrics past the last checkpoint wait for the next one (a crash would
                     # recompute those steps); this sends the rest and retries if offline
                     self.tracker.flush(upto_step=self.last_ckpt_step)
-                    t_save = time.perf_counter()
                 # the step alone: evaluations and checkpoints are projected on their own
-                self.meter.record_step(t_save - t0 - t_eval)
+                self.meter.record_step(time.perf_counter() - t0 - t_eval - (self.save_seconds if saved else 0.0))
             return "completed"
         finally:
             bar.close()
