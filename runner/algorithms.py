@@ -63,12 +63,19 @@ def advantages(
     return adv
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target token and the policy's entropy at that position.
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target token and the policy's entropy at that position, for the
+    policy softmax(logits / temperature).
 
     logits [B, T, V] predict targets [B, T]. Computed in float32 whatever the model dtype.
+    temperature 1 is the model itself; the sampling temperature (TRL's and verl's choice)
+    makes the loss's ratio and entropy those of the distribution the rollouts came from.
     """
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent

@@ -141,6 +141,9 @@ class AlgoConfig:
     clip_low: Optional[float] = 0.2
     clip_high: float = 0.2
     loss_agg: str = "seq-mean-token-mean"
+    # The loss's log-probs (ratio, entropy, KL) are of softmax(logits / loss_temperature):
+    # 1.0 learns the model itself; ${rollout.temperature} follows the sampler (TRL, verl).
+    loss_temperature: float = 1.0
     # Train only on this top fraction of tokens by entropy (arXiv 2506.01939); 1.0 = all.
     top_entropy_quantile: float = 1.0
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
@@ -219,6 +222,12 @@ class TrainerConfig:
     num_threads: Optional[int] = None
     # Micro-batches per optimizer step (gradients accumulated): less activation memory, same update.
     grad_accum_steps: int = 1
+    # Leave rollouts whose advantage is exactly 0 out of the training forward and backward
+    # (same update; they carry no policy gradient) where no entropy or KL term needs them.
+    skip_zero_advantage: bool = True
+    # Cut the training passes by completion length so one long rollout does not pad every
+    # short one (same update, like micro-batches); plain torch trainer only.
+    length_buckets: bool = True
     # --- trainer=deepspeed only (the torch preset leaves these at their defaults) ---
     # Processes per node, started by the runner itself (torchrun, or the deepspeed launcher).
     num_procs: int = 1
@@ -281,7 +290,7 @@ class TrainConfig:
 class RunConfig:
     seed: int = 0
     objective: str = "eval/prob/tv_uniform_valid"
-    # A report the sweep builds at its end from its children: null or dice_post.
+    # A report the sweep builds at its end from its children: null, dice_post or phase.
     report: Optional[str] = None
     output_dir: str = "outputs"
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -379,7 +388,7 @@ def _is_hub_id(p: str) -> bool:
 
 
 def _check_ranges(c: RunConfig) -> None:
-    _check(c.report in (None, "dice_post"), "report", c.report, "must be null or dice_post")
+    _check(c.report in (None, "dice_post", "phase"), "report", c.report, "must be null, dice_post or phase")
     _one_of("env.name", c.env.name, ENV_NAMES)
     _check(c.env.faces >= 2, "env.faces", c.env.faces, "must be >= 2")
     if c.env.name == "math":
@@ -412,6 +421,9 @@ def _check_ranges(c: RunConfig) -> None:
            "must be in [0, 1), or null for no lower bound")
     _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
     _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _check(isinstance(a.loss_temperature, (int, float)) and 0.05 <= a.loss_temperature <= 20,
+           "algo.loss_temperature", a.loss_temperature,
+           "must be a number in [0.05, 20] (1: the model's own log-probs; ${rollout.temperature}: the sampler's)")
     _check(0 < a.top_entropy_quantile <= 1, "algo.top_entropy_quantile", a.top_entropy_quantile,
            "must be in (0, 1] (the fraction of tokens kept, highest entropy first)")
     e = a.entropy

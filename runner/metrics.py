@@ -38,3 +38,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def group_mechanics(rewards: Sequence[float], shaped: Sequence[float], unshaped: Sequence[float],
+                    keys: Sequence[str], advantage_fn, tol: float = 1e-6) -> tuple[int, bool]:
+    """For one group: how many distinct rewarded answers it holds, and whether shaping
+    changed any of its advantages against no shaping (`unshaped`: the rewards as the
+    `none` shaper would pass them on, e.g. with the same overlong penalty).
+
+    Why both: with group-std advantages the divisor is undone by the std in a group that
+    holds at most one distinct rewarded answer (every rewarded rollout is divided by the
+    same k), so it can only act where a group already holds two or more.
+    """
+    distinct = len({k for r, k in zip(rewards, keys) if r > 0 and k != INVALID})
+    a, b = advantage_fn(list(shaped)), advantage_fn(list(unshaped))
+    changed = any(abs(x - y) > tol for x, y in zip(a, b))
+    return distinct, changed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -35,75 +36,152 @@ class RunSummary:
     length_last: float  # and last 3
     length_curve: list[tuple[int, float]]
     dist_curve: list[tuple[int, dict[str, float]]]
-    argmax_switches: int  # how often the most frequent valid answer changed over training
-
-
-@dataclass
-class Claim:
-    text: str
-    rule: str
-    judge: Callable[[list[RunSummary], dict[str, list[RunSummary]]], str]
+    argmax_switches: int  # leader changes of the even answers, smoothed (leader_switches)
 
 
 def _mean(xs):
     return statistics.mean(xs) if xs else math.nan
 
 
+# A seed's verdict on one sub-claim: True, False, or None where the rule cannot judge it
+# (e.g. "no length growth" on a run that is mostly invalid): None never counts as a pass.
+Judge = Callable[[RunSummary], Optional[bool]]
+MIN_VALID = 0.5  # below this valid rate a run says nothing about diversity, length or missing answers
+PASS_SHARE = 0.8  # "reproduced": the claim holds in at least this share of seeds (3/3, 4/5)
+
+
+@dataclass
+class Claim:
+    text: str
+    rule: str  # stated before looking at the numbers; judged per seed
+    parts: dict[str, Judge]  # every part must hold for a seed to pass
+
+
+def _valid_answers(r: RunSummary) -> list[str]:
+    return EVEN if r.recipe.startswith("even") else [a for a in ANSWERS if a != "invalid"]
+
+
 def _top(r: RunSummary) -> float:
+    """The most frequent answer's share of all final samples."""
     return max(r.final[a] for a in ANSWERS if a != "invalid")
 
 
-def _collapsed(runs):
-    return _mean([_top(r) for r in runs])
+def _valid_mass(r: RunSummary) -> float:
+    return sum(r.final[a] for a in _valid_answers(r))
 
 
-def _verdict(a: bool, b: bool) -> str:
-    return "reproduced" if a and b else "partly" if a or b else "not reproduced"
+def _top_of_valid(r: RunSummary) -> Optional[float]:
+    """The top valid answer's share of the valid mass; None when too little is valid to say
+    (invalid samples are not diversity)."""
+    v = _valid_mass(r)
+    return max(r.final[a] for a in _valid_answers(r)) / v if v >= MIN_VALID else None
 
+
+def _needs_valid(f: Callable[[RunSummary], bool]) -> Judge:
+    return lambda r: f(r) if _valid_mass(r) >= MIN_VALID else None
+
+
+def _collapsed(r: RunSummary, share: float = 0.9) -> Optional[bool]:
+    t = _top_of_valid(r)
+    return None if t is None else t >= share
+
+
+def _diverse(r: RunSummary) -> Optional[bool]:
+    """Top valid answer under 0.9 of the valid mass and >= 3 answers at >= 0.05 of it."""
+    t = _top_of_valid(r)
+    if t is None:
+        return None
+    v = _valid_mass(r)
+    return t < 0.9 and sum(r.final[a] / v >= 0.05 for a in _valid_answers(r)) >= 3
+
+
+def _length_ratio(r: RunSummary) -> float:
+    return r.length_last / max(r.length_first, 1e-9)
+
+
+def _spread(r: RunSummary) -> bool:
+    """Each of 2, 4, 6 at >= 0.20 of the final samples, and <= 0.10 without reward (odd or unparsed)."""
+    return all(r.final[a] >= 0.2 for a in EVEN) and 1.0 - sum(r.final[a] for a in EVEN) <= 0.1 + 1e-9
+
+
+def leader_switches(curve: list[tuple[int, dict[str, float]]], answers: list[str], window: int = 5,
+                    margin: float = 0.25) -> int:
+    """How often the leading answer changes in a smoothed series: a moving average over
+    `window` steps, and a new leader only once it leads the old one by `margin` (so ties and
+    a dozen samples' noise do not count as ping-pong)."""
+    if not curve:
+        return 0
+    smooth = []
+    for i in range(len(curve)):
+        chunk = [d for _, d in curve[max(0, i - window + 1):i + 1]]
+        smooth.append({a: sum(d.get(a, 0.0) for d in chunk) / len(chunk) for a in answers})
+    leader, switches = None, 0
+    for d in smooth:
+        if sum(d.values()) <= 0:
+            continue
+        best = max(answers, key=lambda a: d[a])
+        if leader is None:
+            leader = best
+        elif best != leader and d[best] >= d[leader] + margin:
+            leader, switches = best, switches + 1
+    return switches
+
+
+COLLAPSE_RULE = "collapse: the top valid answer holds >= 0.9 of the valid final samples, with valid rate >= 0.5"
+DIVERSE_RULE = ("diversity: valid rate >= 0.5, top valid answer < 0.9 of the valid samples and >= 3 valid answers "
+                "at >= 0.05 of them (invalid samples are not diversity)")
+SPREAD_RULE = "spread: each of 2, 4, 6 at >= 0.20 of the final samples, and <= 0.10 of them unrewarded (odd or invalid)"
+COLLAPSE_08 = "collapse: the top answer holds >= 0.8 of the final samples"
 
 CLAIMS: dict[str, Claim] = {
-    "dice_grpo": Claim("collapses onto its favourite answer",
-                       "reproduced if the top answer's final share (mean over seeds) >= 0.9; partly if >= 0.6",
-                       lambda rs, _: "reproduced" if _collapsed(rs) >= 0.9 else "partly" if _collapsed(rs) >= 0.6
-                       else "not reproduced"),
-    "dice_grpo_temp15": Claim("the same collapse at temperature 1.5", "same rule as dice_grpo",
-                              lambda rs, _: CLAIMS["dice_grpo"].judge(rs, _)),
+    "dice_grpo": Claim("collapses onto its favourite answer", COLLAPSE_RULE, {"collapse": _collapsed}),
+    "dice_grpo_temp15": Claim("the same collapse at temperature 1.5", COLLAPSE_RULE, {"collapse": _collapsed}),
     "dice_entropy": Claim("less collapse, but completion length grows",
-                          "less collapse: top share below dice_grpo's by >= 0.1 (or < 0.6 if that recipe is absent); "
-                          "length grows: last/first mean length >= 1.3; reproduced if both, partly if one",
-                          lambda rs, by: _verdict(_less_collapse(rs, by), _mean([r.length_last / max(r.length_first, 1e-9) for r in rs]) >= 1.3)),
+                          "less collapse: valid rate >= 0.5 and the top valid answer < 0.9 of the valid samples; "
+                          "length grows: last/first mean length >= 1.3",
+                          {"less collapse": lambda r: None if _collapsed(r) is None else not _collapsed(r),
+                           "length grows": lambda r: _length_ratio(r) >= 1.3}),
     "dice_entropy_strict": Claim("diversity without length growth",
-                                 "diversity: top share < 0.9 and >= 3 answers with share >= 0.05 (mean); no growth: "
-                                 "last/first mean length <= 1.1; reproduced if both, partly if one",
-                                 lambda rs, _: _verdict(_diverse(rs), _mean([r.length_last / max(r.length_first, 1e-9) for r in rs]) <= 1.1)),
+                                 DIVERSE_RULE + "; no growth: valid rate >= 0.5 and last/first mean length <= 1.1",
+                                 {"diversity": _diverse, "no growth": _needs_valid(lambda r: _length_ratio(r) <= 1.1)}),
     "even_dice_entropy": Claim("ping-pongs between answers and never finds one of 2, 4, 6",
-                               "ping-pong: the most frequent valid answer changes >= 3 times over training (mean); "
-                               "a missing answer: some even answer has final share < 0.02 (mean); reproduced if both, partly if one",
-                               lambda rs, _: _verdict(_mean([r.argmax_switches for r in rs]) >= 3,
-                                                      min(_mean([r.final[a] for r in rs]) for a in EVEN) < 0.02)),
+                               "ping-pong: the leading even answer of the training rollouts (5-step moving average, "
+                               "a new leader must lead by 0.25) changes >= 2 times; a missing answer: valid rate >= 0.5 "
+                               "and some even answer < 0.02 of the final samples",
+                               {"ping-pong": lambda r: r.argmax_switches >= 2,
+                                "missing answer": _needs_valid(lambda r: min(r.final[a] for a in EVEN) < 0.02)}),
     "even_dice_bonus": Claim("more diversity, but invalid odd answers leak in",
-                             "diversity as in dice_entropy_strict; leak: final share of 1, 3, 5 together >= 0.05 (mean); "
-                             "reproduced if both, partly if one",
-                             lambda rs, _: _verdict(_diverse(rs), _mean([sum(r.final[a] for a in "135") for r in rs]) >= 0.05)),
-    "even_dice_divisor": Claim("near-uniform over 2, 4, 6 with few invalid answers",
-                               "near-uniform: TV to uniform over {2,4,6} <= 0.15 (mean); few invalid: valid rate >= 0.9; "
-                               "reproduced if both; partly if TV <= 0.35 with valid rate >= 0.9",
-                               lambda rs, _: "reproduced" if _mean([r.tv for r in rs]) <= 0.15 and _mean([r.valid_rate for r in rs]) >= 0.9
-                               else "partly" if _mean([r.tv for r in rs]) <= 0.35 and _mean([r.valid_rate for r in rs]) >= 0.9
-                               else "not reproduced"),
-    "even_dice_entropy_answer_scope": Claim("(our proposal, no claim in the post) entropy on the answer span only",
-                                            "n/a: compare its row with even_dice_entropy and dice_entropy_strict",
-                                            lambda rs, _: "n/a"),
+                             DIVERSE_RULE + "; leak: 1, 3, 5 together >= 0.05 of the final samples",
+                             {"diversity": _diverse, "leak": lambda r: sum(r.final[a] for a in "135") >= 0.05}),
+    "even_dice_grpo": Claim("(the post's baseline on even rolls) collapses onto one even answer", COLLAPSE_08,
+                            {"collapse": lambda r: _top(r) >= 0.8}),
+    "even_dice_divisor": Claim("near-uniform over 2, 4, 6 with few invalid answers", SPREAD_RULE,
+                               {"spread": _spread}),
 }
 
 
-def _less_collapse(rs, by):
-    base = by.get("dice_grpo")
-    return _collapsed(rs) <= _collapsed(base) - 0.1 if base else _collapsed(rs) < 0.6
+def judge(claim: Claim, runs: list[RunSummary]) -> tuple[str, dict[str, int], int]:
+    """(verdict, passes per part, seeds passing every part). reproduced: >= 80% of seeds pass
+    every part; partly: at least one seed does, or one part alone holds in >= 80% of seeds."""
+    per_part = {name: sum(f(r) is True for r in runs) for name, f in claim.parts.items()}
+    both = sum(all(f(r) is True for f in claim.parts.values()) for r in runs)
+    n = len(runs)
+    need = math.ceil(PASS_SHARE * n)
+    if n and both >= need:
+        verdict = "reproduced"
+    elif both or any(c >= need for c in per_part.values()):
+        verdict = "partly"
+    else:
+        verdict = "not reproduced"
+    return verdict, per_part, both
 
 
-def _diverse(rs):
-    return _collapsed(rs) < 0.9 and _mean([sum(r.final[a] >= 0.05 for a in ANSWERS if a != "invalid") for r in rs]) >= 3
+def _claim_for(recipe: str) -> Optional[Claim]:
+    """A recipe's claim; the post's recipes at another group size (`_g48`) carry the same one."""
+    if recipe in CLAIMS:
+        return CLAIMS[recipe]
+    m = re.fullmatch(r"(.+)_g\d+", recipe)
+    return CLAIMS.get(m.group(1)) if m else None
 
 
 def _history(client, run_id, key):
@@ -117,8 +195,7 @@ def summarise_run(client, run) -> RunSummary:
     curves = {a: dict(_history(client, rid, f"answers/frac/{a}")) for a in ANSWERS}
     steps = sorted(set().union(*[c.keys() for c in curves.values()]))
     dist_curve = [(s, {a: curves[a].get(s, 0.0) for a in ANSWERS}) for s in steps]
-    tops = [max(EVEN, key=lambda a: d[a]) for _, d in dist_curve if sum(d[a] for a in EVEN) > 0]
-    switches = sum(1 for x, y in zip(tops, tops[1:]) if x != y)
+    switches = leader_switches(dist_curve, EVEN)
     return RunSummary(
         recipe=run.data.tags["recipe"], seed=run.data.params.get("seed", "?"), final=final,
         valid_rate=m.get("eval/answers/valid_rate", math.nan), entropy=m.get("eval/answers/entropy", math.nan),
@@ -136,30 +213,49 @@ def _fmt(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f}±{statistics.pstdev(xs):.2f}"
 
 
+def _mark(v: Optional[bool]) -> str:
+    return {True: "yes", False: "no", None: "n/j"}[v]
+
+
 def build(runs: list[RunSummary]) -> tuple[str, dict[str, str]]:
-    """Markdown report and {recipe: verdict}."""
+    """Markdown report and {recipe: verdict}. Verdicts count seeds that pass (a bimodal
+    outcome's mean is no run's outcome); the means are shown for reading, not judged."""
     by: dict[str, list[RunSummary]] = {}
     for r in runs:
         by.setdefault(r.recipe, []).append(r)
     order = [k for k in CLAIMS if k in by] + sorted(k for k in by if k not in CLAIMS)
     head = ("| recipe | seeds | " + " | ".join(f"p({a})" for a in ANSWERS)
-            + " | valid rate | answer entropy | TV to uniform-valid | length first→last | post's claim | verdict |\n")
+            + " | valid rate | TV to uniform-valid | length first→last | post's claim | seeds passing (per part) | verdict |\n")
     head += "|" + "---|" * (len(ANSWERS) + 8) + "\n"
-    rows, verdicts = [], {}
+    rows, verdicts, detail = [], {}, []
     for k in order:
-        rs = by[k]
-        claim = CLAIMS.get(k)
-        verdict = claim.judge(rs, by) if claim else "n/a"
+        rs = sorted(by[k], key=lambda r: str(r.seed))
+        claim = _claim_for(k)
+        if claim:
+            verdict, per_part, both = judge(claim, rs)
+            passing = f"{both}/{len(rs)}" + (" (" + ", ".join(f"{p} {c}/{len(rs)}" for p, c in per_part.items()) + ")"
+                                              if len(per_part) > 1 else "")
+        else:
+            verdict, passing = "n/a", "-"
         verdicts[k] = verdict
         rows.append(
             f"| {k} | {len(rs)} | " + " | ".join(_fmt([r.final[a] for r in rs]) for a in ANSWERS)
-            + f" | {_fmt([r.valid_rate for r in rs])} | {_fmt([r.entropy for r in rs])} | {_fmt([r.tv for r in rs])}"
+            + f" | {_fmt([r.valid_rate for r in rs])} | {_fmt([r.tv for r in rs])}"
             + f" | {_fmt([r.length_first for r in rs])}→{_fmt([r.length_last for r in rs])}"
-            + f" | {claim.text if claim else ''} | **{verdict}** |\n")
-    rules = "\n".join(f"- `{k}`: {CLAIMS[k].rule}" for k in order if k in CLAIMS)
+            + f" | {claim.text if claim else ''} | {passing} | **{verdict}** |\n")
+        for r in rs:
+            parts = "; ".join(f"{p}: {_mark(f(r))}" for p, f in claim.parts.items()) if claim else "-"
+            dist = " ".join(f"{a}:{r.final[a]:.2f}" for a in ANSWERS if r.final[a] >= 0.005)
+            detail.append(f"| {k} | {r.seed} | {dist} | {r.argmax_switches} | {parts} |\n")
+    rules = "\n".join(f"- `{k}`: {_claim_for(k).rule}" for k in order if _claim_for(k))
     text = ("# Dice post reproduction\n\nFinal evaluation (sampled at temperature 1) per recipe, mean±spread "
-            "(population std) over seeds; `invalid` is anything without exactly one numeric answer tag.\n\n"
-            + head + "".join(rows) + "\n## Verdict rules\n\n" + rules + "\n")
+            "(population std) over seeds; `invalid` is anything without exactly one numeric answer tag. "
+            f"Each claim is judged **per seed**; reproduced: it holds in >= {PASS_SHARE:.0%} of seeds, "
+            "partly: in at least one seed, or one of its parts alone holds in that share; n/j: the rule cannot judge that seed "
+            f"(valid rate < {MIN_VALID}), which never counts as a pass.\n\n"
+            + head + "".join(rows) + "\n## Verdict rules\n\n" + rules
+            + "\n\n## Per seed\n\n| recipe | seed | final samples | leader switches | parts |\n|---|---|---|---|---|\n"
+            + "".join(detail))
     return text, verdicts
 
 

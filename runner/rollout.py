@@ -7,6 +7,7 @@ tokens than were sampled, and the log-probs would then be of text the policy nev
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -84,6 +85,28 @@ def select(batch: RolloutBatch, rows: Sequence[int]) -> RolloutBatch:
         episodes=[batch.episodes[i] for i in rows] if batch.episodes is not None else None,
         token_turn=batch.token_turn[idx] if batch.token_turn is not None else None,
     )
+
+
+def completion_extents(batch: RolloutBatch) -> list[int]:
+    """Per row: the completion columns up to its last real token (0 for an empty one)."""
+    m = batch.completion_mask.bool()
+    cols = torch.arange(1, m.shape[1] + 1, device=m.device)
+    return (m * cols).amax(-1).tolist() if m.shape[1] else [0] * len(batch)
+
+
+def trim_completions(batch: RolloutBatch) -> RolloutBatch:
+    """The batch without the completion columns that are padding in every row: a row's
+    log-probs do not depend on padding after it, so the training passes can skip it."""
+    c = max(completion_extents(batch), default=0)
+    if c >= batch.completion_ids.shape[1]:
+        return batch
+    c = max(c, 1)
+    end = batch.prompt_len + c
+    return dataclasses.replace(
+        batch, input_ids=batch.input_ids[:, :end], attention_mask=batch.attention_mask[:, :end],
+        completion_mask=batch.completion_mask[:, :c],
+        sampler_logprobs=None if batch.sampler_logprobs is None else batch.sampler_logprobs[:, :c],
+        token_turn=None if batch.token_turn is None else batch.token_turn[:, :c])
 
 
 def span_token_mask(tokenizer, completion_ids: torch.Tensor, spans: Sequence[Optional[tuple[int, int]]]) -> torch.Tensor:
@@ -237,16 +260,24 @@ class HFRollout:
         attn = prompt_attn.repeat_interleave(group_size, dim=0)
         next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
         eos_t = torch.tensor(eos, device=logits.device)
-        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        n = logits.shape[0]
+        done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        active = torch.arange(n, device=logits.device)  # rows still decoding; finished ones leave the batch
         tokens, logps = [], []
         for t in range(self.max_new_tokens):
             nxt = sample_next(logits, temperature, self.top_p)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            tokens.append(nxt)
-            logps.append(torch.log_softmax(logits.float(), -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
-            done |= torch.isin(nxt, eos_t)
+            tok = torch.full((n,), pad_id, dtype=nxt.dtype, device=nxt.device)
+            tokens.append(tok.index_copy_(0, active, nxt))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            logps.append(torch.zeros(n, dtype=lp.dtype, device=lp.device).index_copy_(0, active, lp))
+            stopped = torch.isin(nxt, eos_t)
+            done[active] |= stopped
             if bool(done.all()) or t == self.max_new_tokens - 1:
                 break
+            if bool(stopped.any()):  # a finished row costs nothing more: drop it from the cache
+                keep = (~stopped).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, nxt, attn, next_pos = active[keep], nxt[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
                         past_key_values=cache, use_cache=True)

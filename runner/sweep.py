@@ -65,6 +65,12 @@ class MlflowSweepCallback(Callback):
             text, _ = report(parent["tracking_uri"], parent["run_id"], out=sweep_dir / "report")
             print(text)
             print(f"report and plots: {sweep_dir / 'report'} (and on the sweep's parent run)")
+        if config.get("report") == "phase":
+            from runner.phase import phase
+
+            text, _ = phase(parent["tracking_uri"], parent["run_id"], out=sweep_dir / "phase")
+            print(text)
+            print(f"phase diagram: {sweep_dir / 'phase'} (and on the sweep's parent run)")
         text, rows = summarise(parent["tracking_uri"], parent["run_id"], objective, sweep_dir)
         print(text)
 

@@ -29,10 +29,11 @@ from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantage
                                top_entropy_mask)
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig, flatten, to_dict
-from runner.forward import sequence_logprobs
-from runner.metrics import answer_distribution, entropy, tv_to_uniform
+from runner.forward import length_buckets, sequence_logprobs
+from runner.metrics import answer_distribution, entropy, group_mechanics, tv_to_uniform
 from runner.models import load_policy
-from runner.rollout import RolloutBatch, concat, make_rollout, render, select, span_token_mask
+from runner.rollout import (RolloutBatch, completion_extents, concat, make_rollout, render, select, span_token_mask,
+                            trim_completions)
 from runner.clustering import cluster_keys, clusters_per_group
 from runner.shapers import shape
 from runner.tracking import Tracker
@@ -285,12 +286,15 @@ class Trainer:
             res = bk.on_whole_groups(self.shape_groups, [s.reward for s in scores],
                                      [(s.answer_key, x) for s, x in zip(scores, batch.completions)], groups)
             shaped = [v for v, _ in res]
+            unshaped = [s.reward for s in scores]  # what shaper=none would pass on (mechanism metrics)
             c.clusters.append(clusters_per_group([k for _, k in res], groups))
             if cfg.algo.overlong.enabled:
                 o = cfg.algo.overlong
                 pen = overlong_penalty(batch.completion_lengths.cpu(), cfg.rollout.max_new_tokens, o.buffer, o.penalty)
                 shaped = [r + p for r, p in zip(shaped, pen.tolist())]
+                unshaped = [r + p for r, p in zip(unshaped, pen.tolist())]
             c.sampled.append((batch, scores, shaped))
+            c.unshaped.append(unshaped)
             if fr3e:
                 c.fr3e.append(self.fr3e_metrics(self.rollout.last, batch, scores))
             if not ds.enabled and not fr3e:
@@ -365,6 +369,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, bk = self.cfg, self.backend
+        probs = self.policy_probabilities()  # the policy that samples this step's rollouts
         t0 = time.perf_counter()
         with self.autocast():
             c = self.collect()
@@ -391,8 +396,8 @@ class Trainer:
 
         # every rank's rollouts, for metrics (a group split over ranks is one group again)
         rec = {"rounds": [([s.reward for s in sc], sh, [s.answer_key for s in sc], [s.exact_format for s in sc],
-                           b.completion_lengths.float().cpu().tolist(), list(b.finished), b.groups.tolist())
-                          for b, sc, sh in c.sampled],
+                           b.completion_lengths.float().cpu().tolist(), list(b.finished), b.groups.tolist(), un)
+                          for (b, sc, sh), un in zip(c.sampled, c.unshaped)],
                "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank, "clusters": c.clusters,
                "distinct_correct": self.distinct_correct(c),
                "correct": [bool(s.correct) for _, sc, _ in c.sampled for s in sc if s.correct is not None],
@@ -400,13 +405,13 @@ class Trainer:
         recs = bk.gather_objects(rec)
         rows = [row for r in recs for rd in r["rounds"] for row in zip(*rd[:6])]
         raw, shaped_all, keys, exact, lengths, finished = (list(x) for x in zip(*rows))
-        groups: dict[tuple, list[float]] = {}
+        groups: dict[tuple, list[tuple]] = {}  # (raw, shaped, unshaped, key) per rollout of each whole group
         for r in recs:
             for i, rd in enumerate(r["rounds"]):
                 owner = r["rank"] if bk.group_placement == "local" else -1
-                for sh, g in zip(rd[1], rd[6]):
-                    groups.setdefault((owner, i, g), []).append(sh)
-        zero_var = sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
+                for raw_r, sh, key, g, un in zip(rd[0], rd[1], rd[2], rd[6], rd[7]):
+                    groups.setdefault((owner, i, g), []).append((raw_r, sh, un, key))
+        zero_var = sum(max(x[1] for x in v) == min(x[1] for x in v) for v in groups.values()) / max(len(groups), 1)
         # what generation cost this step, every rank and sampling round: the completions, plus
         # FR3E's base trajectories (its branches' shared prefixes are counted there, once)
         generated = sum(lengths) + sum(f.get("fr3e/base_tokens", 0.0) for r in recs for f in r["fr3e"])
@@ -421,6 +426,7 @@ class Trainer:
             "groups/dropped": float(sum(r["dropped"] for r in recs)),
             "groups/sampling_rounds": float(max(r["n_rounds"] for r in recs)),
             "groups/clusters_mean": _mean([x for r in recs for x in r["clusters"]]),
+            **self.mechanism_metrics(groups),
             **{k: _mean([f[k] for r in recs for f in r["fr3e"] if k in f])
                for k in sorted({k for r in recs for f in r["fr3e"] for k in f})},
             "time/step_s": t_end - t0,
@@ -429,6 +435,7 @@ class Trainer:
             "throughput/tokens_per_s": sum(lengths) / (t_end - t0),
             "tokens/generated": float(generated),
             "tokens/generated_total": float(self.generated_tokens),
+            **probs,
             **train_m,
         }
         m["errors/reward_total"] = bk.all_sum([self.reward_errors])[0]
@@ -445,6 +452,41 @@ class Trainer:
         else:
             m["answers/distinct_per_step"] = float(len(set(keys) - {INVALID}))
             m["answers/valid_rate"] = sum(k != INVALID for k in keys) / len(keys)
+        return m
+
+    def mechanism_metrics(self, groups: dict[tuple, list[tuple]]) -> dict[str, float]:
+        """Why a shaper acts or not: distinct rewarded answers per group, and the fraction of
+        groups whose advantages the shaper changed against shaper=none (with group-std
+        scaling the divisor changes none in a group holding at most one rewarded answer)."""
+        a = self.cfg.algo
+
+        def adv(r: list[float]) -> list[float]:
+            return advantages(torch.tensor(r), torch.zeros(len(r), dtype=torch.long), a.scale_rewards, a.adv_clip,
+                              a.baseline).tolist()
+
+        mech = [group_mechanics([x[0] for x in v], [x[1] for x in v], [x[2] for x in v], [x[3] for x in v], adv)
+                for v in groups.values()]
+        if not mech:
+            return {}
+        return {"groups/distinct_rewarded_mean": _mean([float(d) for d, _ in mech]),
+                "groups/multi_rewarded_frac": _mean([float(d >= 2) for d, _ in mech]),
+                "shaper/effective_group_frac": _mean([float(ch) for _, ch in mech])}
+
+    @torch.no_grad()
+    def policy_probabilities(self) -> dict[str, float]:
+        """The sampling policy's exact first-answer-token probabilities before this step's
+        rollouts (finite single-token answers only): an answer far below 1/G is rarely in a
+        group, so the shaper cannot lift it; `policy/prob/min_rewarded` shows that starvation."""
+        if not self.env.answer_space or not self.backend.is_main:
+            return {}
+        probs = self.answer_probabilities(self.env.prompts(self.step, 1)[0])
+        if not probs:
+            return {}
+        m = {f"policy/prob/{k}": v for k, v in probs.items()}
+        valid = [probs[k] for k in (self.env.valid_answers or []) if k in probs]
+        if valid:
+            m["policy/prob/min_rewarded"] = min(valid)
+            m["policy/prob/rewarded_mass"] = sum(valid)
         return m
 
     @staticmethod
@@ -475,28 +517,45 @@ class Trainer:
         entropy_mask = None
         if a.entropy.scope == "answer":
             entropy_mask = span_token_mask(self.tok, batch.completion_ids, [s.answer_span for s in scores]) & mask
-        micro = [(rows, batch if len(rows) == len(batch) else select(batch, rows))
-                 for rows in bk.micro_batches(len(batch)) if rows]
+        chunks = [rows for rows in bk.micro_batches(len(batch)) if rows]
+        if self.skips_zero_advantage():
+            # a rollout with advantage exactly 0 adds exactly 0 to the policy-gradient term (the
+            # batch counts in `norm` still include it): no forward or backward for it. Each
+            # micro-batch keeps one row, so every rank runs the same passes and the optimizer
+            # still steps (Adam's momentum moves the weights even on a zero gradient).
+            a_list = adv.tolist()
+            chunks = [[i for i in rows if a_list[i] != 0.0] or rows[:1] for rows in chunks]
+        kept = sum(len(rows) for rows in chunks)
+        if self.buckets_by_length(batch):
+            ext = completion_extents(batch)
+            chunks = [b for rows in chunks for b in length_buckets(rows, ext, overhead=batch.prompt_len + 8.0)]
+        whole = list(range(len(batch)))
+        micro = [(rows, trim_completions(batch if rows == whole else select(batch, rows))) for rows in chunks]
         ref_logp: list = [None] * len(micro)
         if self.ref_model is not None:
             with torch.no_grad(), self.autocast():
-                ref_logp = [sequence_logprobs(self.ref_model, mb, self.cfg.trainer.shared_prefix)[0] for _, mb in micro]
+                ref_logp = [sequence_logprobs(self.ref_model, mb, self.cfg.trainer.shared_prefix, a.loss_temperature)[0]
+                            for _, mb in micro]
         old_logp: list = [None] * len(micro)
         loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
         timing = {"time/forward_s": 0.0, "time/backward_s": 0.0, "time/optimizer_s": 0.0}
+        ent_sums = [0.0, 0.0]  # the sampling policy's token entropy over every micro-batch
         for it in range(a.num_iterations):
             bk.zero_grad()
             finite, loss_sum, stat_sums = True, 0.0, {}
             for j, (rows, mb) in enumerate(micro):
                 t0 = time.perf_counter()
                 idx = torch.as_tensor(rows, device=mask.device)
-                mb_mask = mask[idx]
-                mb_emask = None if entropy_mask is None else entropy_mask[idx]
+                mb_mask = mb.completion_mask  # mask[idx] without the columns trimmed off
+                width = mb_mask.shape[1]
+                mb_emask = None if entropy_mask is None else entropy_mask[idx][:, :width]
                 with self.autocast():
-                    logp, ent = sequence_logprobs(bk.compute_model, mb, self.cfg.trainer.shared_prefix)
+                    logp, ent = sequence_logprobs(bk.compute_model, mb, self.cfg.trainer.shared_prefix, a.loss_temperature)
                 if old_logp[j] is None:  # the policy that sampled: this first forward, detached
                     old_logp[j] = logp.detach()
+                    ent_sums[0] += (ent.detach() * mb_mask).sum().item()
+                    ent_sums[1] += mb_mask.sum().item()
                     if j == 0:
                         loss_cfg = self._entropy_stats(ent, mb_mask, mb_emask, out)
                         if mb.token_turn is not None:  # multi-turn: the policy's entropy per turn
@@ -532,13 +591,33 @@ class Trainer:
             reduced = bk.all_sum([loss_sum] + [stat_sums[k] for k in keys])
             out.update({"train/loss": reduced[0], "train/grad_norm": float(grad_norm)})
             out.update({f"train/{k}": v for k, v in zip(keys, reduced[1:])})
+            if it == 0 and len(micro) > 1:  # over the whole batch, not the first micro-batch
+                tot = bk.all_sum(ent_sums)
+                out["policy/token_entropy"] = tot[0] / tot[1] if tot[1] else 0.0
         if self.adaptive is not None:
             self.adaptive.update(out["policy/token_entropy"])
             out["train/entropy_coef_next"] = self.adaptive.coef
         out["train/adv_abs_mean"] = bk.all_sum([adv.abs().sum().item()])[0] / max(seqs, 1.0)
+        out["train/skipped_seq_frac"] = 1.0 - bk.all_sum([kept])[0] / max(seqs, 1.0)
         out["train/nonfinite_total"] = float(self.nonfinite_total)
         out.update(timing)
         return out
+
+    def skips_zero_advantage(self) -> bool:
+        """Rows with zero advantage can be left out of the training passes only where nothing
+        but the policy-gradient term needs them: no entropy bonus, no KL, and no top-entropy
+        token selection (its quantile is taken over the whole batch)."""
+        a = self.cfg.algo
+        return (self.cfg.trainer.skip_zero_advantage and a.entropy.coef == 0 and not a.entropy.adaptive
+                and a.kl.coef == 0 and a.top_entropy_quantile >= 1.0)
+
+    def buckets_by_length(self, batch: RolloutBatch) -> bool:
+        """Training passes cut by completion length (runner/forward.length_buckets): plain torch
+        only (DeepSpeed counts its micro-batches), single-turn, and no term computed per pass
+        over the whole batch (top-entropy quantile, the adaptive entropy coefficient)."""
+        a = self.cfg.algo
+        return (self.cfg.trainer.name == "torch" and self.cfg.trainer.length_buckets and batch.token_turn is None
+                and a.top_entropy_quantile >= 1.0 and not a.entropy.adaptive)
 
     def _entropy_stats(self, ent: torch.Tensor, mask: torch.Tensor, emask: Optional[torch.Tensor],
                        out: dict[str, float]) -> LossConfig:
@@ -874,6 +953,7 @@ class Collected:
     dropped_groups: int = 0
     rounds: int = 0
     clusters: list = field(default_factory=list)  # mean clusters per group, per round
+    unshaped: list = field(default_factory=list)  # per round: the rewards shaper=none would give
     fr3e: list = field(default_factory=list)  # FR3E metrics per round
 
 

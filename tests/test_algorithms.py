@@ -124,3 +124,16 @@ def test_token_logprobs_and_entropy():
     assert logp[0, 1].item() == pytest.approx(math.log(0.75))
     assert ent[0, 0].item() == pytest.approx(math.log(2))
     assert ent[0, 1].item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_loss_temperature_divides_the_logits():
+    """algo.loss_temperature: the loss's log-probs and entropy are those of softmax(z / T),
+    the distribution rollouts sampled at temperature T came from (TRL's and verl's choice)."""
+    logits = torch.tensor([[[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]])
+    targets = torch.tensor([[0, 2]])
+    lp1, ent1 = token_logprobs(logits, targets)
+    lp15, ent15 = token_logprobs(logits, targets, temperature=1.5)
+    ref_lp, ref_ent = token_logprobs(logits / 1.5, targets)
+    torch.testing.assert_close(lp15, ref_lp)
+    torch.testing.assert_close(ent15, ref_ent)
+    assert (ent15 > ent1).all() and (lp15 < lp1).all()  # flatter distribution, the argmax less likely

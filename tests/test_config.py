@@ -57,6 +57,8 @@ def test_defaults_are_the_main_job():
         (["model.path=/no/such/model"], "model.path='/no/such/model': does not exist"),
         (["algo.clip_low=1.5"], "algo.clip_low=1.5: must be in [0, 1)"),
         (["trainer.precision=fp16"], "trainer.precision='fp16': must be one of auto, fp32, bf16"),
+        (["algo.loss_temperature=0"], "algo.loss_temperature=0.0: must be a number in [0.05, 20]"),
+        (["report=phases"], "report='phases': must be null, dice_post or phase"),
     ],
 )
 def test_bad_values_name_the_key(overrides, first_line):

@@ -44,6 +44,27 @@ def test_shared_prefix_forward_equals_full_forward(tiny, shared_path):
     torch.testing.assert_close(shared[1][m], full[1][m], atol=1e-4, rtol=1e-4)
 
 
+def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
+    from runner.algorithms import token_logprobs
+    from runner.rollout import position_ids
+
+    model, _ = tiny
+    b = batch(tiny)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                    position_ids=position_ids(b.attention_mask), use_cache=False)
+        C = b.completion_ids.shape[1]
+        ref = token_logprobs(out.logits[:, -C - 1:-1] / 1.5, b.completion_ids)
+        full = sequence_logprobs(model, b, shared_prefix=False, temperature=1.5)
+        shared = sequence_logprobs(model, b, shared_prefix=True, temperature=1.5)
+    model.train()
+    m = b.completion_mask.bool()
+    for got in (full, shared):
+        torch.testing.assert_close(got[0][m], ref[0][m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1][m], ref[1][m], atol=1e-4, rtol=1e-4)
+
+
 def test_shared_prefix_gradients_equal_full_ones(tiny, shared_path):
     model, _ = tiny
     # rows from two rounds with different padding, as dynamic sampling builds them
@@ -87,6 +108,39 @@ def test_sampling_loop_equals_generate_when_greedy(tiny):
     assert torch.equal(loop.completion_mask, gen.completion_mask)
     n = min(loop.input_ids.shape[1], gen.input_ids.shape[1])
     assert torch.equal(loop.input_ids[:, :n], gen.input_ids[:, :n])
+
+
+def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, monkeypatch):
+    """Rows that stop early are dropped from the KV cache; the rows still decoding must keep
+    exactly the probabilities the policy gives their tokens (a wrong cache row would not)."""
+    import runner.rollout as rollout
+
+    model, tok = tiny
+    eos = rollout.eos_token_ids(model, tok)[0]
+    real = rollout.sample_next
+    calls = {"n": 0}
+
+    def stop_some(logits, temperature, top_p):  # rows 0 and 3 stop at step 2, row 4 at step 4
+        out = real(logits, temperature, top_p)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out[[0, 3]] = eos
+        if calls["n"] == 4:
+            out[2] = eos  # the third of the 4 rows still decoding: row 4 of the batch
+        return out
+
+    monkeypatch.setattr(rollout, "sample_next", stop_some)
+    torch.manual_seed(5)
+    b = HFRollout(max_new_tokens=8).generate(model, tok, PROMPTS, 3)
+    lengths = b.completion_lengths.tolist()
+    assert lengths[0] == lengths[3] == 2 and lengths[4] == 4 and max(lengths) == 8
+    model.eval()
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, b)
+    model.train()
+    m = b.completion_mask.bool()
+    torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
+    assert (b.input_ids[0, b.prompt_len + 2:] == tok.pad_token_id).all()
 
 
 def test_sampling_loop_is_consistent_with_teacher_forcing(tiny):
@@ -315,3 +369,65 @@ def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
     plain = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
     assert torch.equal(packed.input_ids, plain.input_ids)
     torch.testing.assert_close(packed.sampler_logprobs, plain.sampler_logprobs, rtol=0, atol=0)
+
+
+def cut_lengths(batch, lengths, pad_id):
+    """Rows shortened to the given completion lengths (as if they had stopped earlier)."""
+    P = batch.prompt_len
+    for i, n in enumerate(lengths):
+        batch.completion_mask[i, n:] = False
+        batch.attention_mask[i, P + n:] = 0
+        batch.input_ids[i, P + n:] = pad_id
+    return batch
+
+
+@pytest.mark.parametrize("algo,k", [("grpo", 1), ("dapo", 2), ("dr_grpo", 1)])
+def test_skipping_zero_advantages_and_length_buckets_give_the_same_update(tmp_path, algo, k):
+    """trainer.skip_zero_advantage leaves rows with advantage exactly 0 out of the training
+    passes, trainer.length_buckets cuts the passes by completion length: the weights after
+    two updates (the second with every advantage 0, where only Adam's momentum moves them)
+    must equal those of one pass over every row."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from runner.config import validate
+    from runner.train import Trainer
+
+    def trainer(skip, buckets):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = validate(compose("config", overrides=[
+                "model=tiny", f"algo={algo}", "rollout.max_new_tokens=8", "algo.group_size=3", "algo.num_iterations=2",
+                f"trainer.grad_accum_steps={k}", f"trainer.skip_zero_advantage={skip}",
+                f"trainer.length_buckets={buckets}", "env=dice", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]))
+        t = Trainer(cfg, tmp_path / f"out-{skip}-{buckets}")
+        t.setup()
+        return t
+
+    ref = trainer(False, False)
+    others = [trainer(True, False), trainer(False, True), trainer(True, True)]
+    torch.manual_seed(0)
+    batch = ref.rollout.generate(ref.rollout_model, ref.tok, ref.env.prompts(0, 3), 3)
+    batch = cut_lengths(batch, [8, 2, 3, 8, 1, 2, 2, 7, 2], ref.tok.pad_token_id)
+    adv = torch.tensor([0.0, 1.2, -1.2, 0.0, 0.0, 0.0, 0.5, 0.0, -0.5])  # group 2 has no signal
+    for a in (adv, torch.zeros_like(adv)):
+        m_ref = ref.update(batch, a, [None] * len(batch))
+        for t in others:
+            m = t.update(batch, a, [None] * len(batch))
+            assert m["train/loss"] == pytest.approx(m_ref["train/loss"], rel=1e-5, abs=1e-7)
+            assert m["train/grad_norm"] == pytest.approx(m_ref["train/grad_norm"], rel=1e-4, abs=1e-7)
+            for (n, p), q in zip(t.model.named_parameters(), ref.model.parameters()):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+    assert m_ref["train/skipped_seq_frac"] == 0.0
+    assert others[0].update(batch, adv, [None] * 9)["train/skipped_seq_frac"] == pytest.approx(5 / 9)  # four rows carry signal
+    assert others[0].skips_zero_advantage() and others[1].buckets_by_length(batch)
+
+
+def test_length_buckets_cut_where_padding_costs_most():
+    from runner.forward import length_buckets
+
+    ext = [5] * 47 + [16]
+    assert sorted(map(len, length_buckets(list(range(48)), ext, overhead=54))) == [1, 47]
+    assert length_buckets(list(range(6)), [5] * 6, overhead=54) == [list(range(6))]  # nothing to gain
+    cut = length_buckets([0, 1, 2, 3], [3, 3, 3, 4], overhead=54)  # not worth a second pass
+    assert cut == [[0, 1, 2, 3]]
+    assert sorted(i for b in length_buckets(list(range(10)), [1, 9, 2, 8, 3, 7, 4, 6, 5, 16], 0.0) for i in b) == list(range(10))
