@@ -15,10 +15,13 @@ than copies of the loss (the presets in conf/algo/ only set switches):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from runner.config import LR_SCHEDULES
 
 ADV_EPS = 1e-4
 
@@ -223,6 +226,24 @@ def policy_loss(
             "pg_token_frac": (pg_mask.bool() & m).sum() / n,
         })
     return loss, stats
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The multiplier of algo.lr for optimizer step `step` (1-based) of `total`, as the
+    Hugging Face schedulers TRL uses by default compute it: linear warm-up over `warmup`
+    steps, then constant, linear decay or a cosine to 0 (the last step keeps 1/total of the
+    range). A function of the step alone, so a resumed run needs no scheduler state."""
+    s = step - 1
+    if s < warmup:
+        return (s + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (s - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"algo.lr_schedule={schedule!r}: must be one of {', '.join(LR_SCHEDULES)}")
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:

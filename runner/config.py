@@ -42,7 +42,8 @@ class ConfigError(ValueError):
 
 
 ENV_NAMES = ("dice", "even_dice", "math", "wordle")
-ALGO_NAMES = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo")
+ALGO_NAMES = ("grpo", "grpo_wide", "dr_grpo", "dapo", "cispo", "gspo", "rloo")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 SHAPER_NAMES = ("none", "bonus", "divisor")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -126,6 +127,9 @@ class AlgoConfig:
     name: str = "grpo"
     group_size: int = 6
     lr: float = 5e-5
+    # constant | linear | cosine (to 0 at train.steps), after warmup_steps of linear warm-up
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -407,6 +411,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(a.group_size >= 2, "algo.group_size", a.group_size,
            "must be an integer >= 2 (a group of 1 has no baseline to compare against)")
     _check(a.lr > 0, "algo.lr", a.lr, "must be > 0")
+    _one_of("algo.lr_schedule", a.lr_schedule, LR_SCHEDULES)
+    _check(a.warmup_steps >= 0, "algo.warmup_steps", a.warmup_steps, "must be an integer >= 0")
     _check(a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, "must be >= 0")
     _check(0 <= a.adam_beta1 < 1, "algo.adam_beta1", a.adam_beta1, "must be in [0, 1)")
     _check(0 <= a.adam_beta2 < 1, "algo.adam_beta2", a.adam_beta2, "must be in [0, 1)")

@@ -5,8 +5,8 @@
 Four panels over training steps, one line per run: the sampling policy's smallest exact
 first-token probability among the rewarded answers (`policy/prob/min_rewarded`, with 1/G
 marked: below it an answer is rarely in a group, so no shaper can lift it), the fraction of
-groups where the shaper changed any advantage against `none` (`shaper/effective_group_frac`),
-distinct rewarded answers per group, and the valid rate.
+groups holding two or more rewarded answers (with group-std scaling the divisor changes no
+advantage in any other group), distinct rewarded answers per group, and the valid rate.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 PANELS = (("policy/prob/min_rewarded", "min P(first token) over rewarded answers", True),
-          ("shaper/effective_group_frac", "groups where the shaper changed an advantage", False),
+          ("groups/multi_rewarded_frac", "groups holding >= 2 rewarded answers (where the divisor can act)", False),
           ("groups/distinct_rewarded_mean", "distinct rewarded answers per group", False),
           ("answers/valid_rate", "valid rate (training rollouts)", False))
 
@@ -71,12 +71,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runner.mechanism", description=__doc__.splitlines()[0])
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     p.add_argument("--runs", required=True, help="comma-separated run ids or run names")
-    p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
+    p.add_argument("--labels", default=None, help="semicolon-separated legend labels, one per run")
     p.add_argument("--out", type=Path, default=Path("mechanism.png"))
     a = p.parse_args(argv)
     from runner.tracking import resolve_uri
 
-    labels = a.labels.split(",") if a.labels else None
+    labels = a.labels.split(";") if a.labels else None
     print(plot(resolve_uri(a.uri), a.runs.split(","), a.out, labels))
     return 0
 

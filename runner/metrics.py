@@ -41,7 +41,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def group_mechanics(rewards: Sequence[float], shaped: Sequence[float], unshaped: Sequence[float],
-                    keys: Sequence[str], advantage_fn, tol: float = 1e-6) -> tuple[int, bool]:
+                    keys: Sequence[str], advantage_fn, rel_tol: float = 0.01) -> tuple[int, bool]:
     """For one group: how many distinct rewarded answers it holds, and whether shaping
     changed any of its advantages against no shaping (`unshaped`: the rewards as the
     `none` shaper would pass them on, e.g. with the same overlong penalty).
@@ -52,5 +52,7 @@ def group_mechanics(rewards: Sequence[float], shaped: Sequence[float], unshaped:
     """
     distinct = len({k for r, k in zip(rewards, keys) if r > 0 and k != INVALID})
     a, b = advantage_fn(list(shaped)), advantage_fn(list(unshaped))
-    changed = any(abs(x - y) > tol for x, y in zip(a, b))
+    # relative: the std's small epsilon (ADV_EPS) alone moves them by ~1e-4 of their size
+    scale = max([abs(x) for x in a + b] + [1e-12])
+    changed = any(abs(x - y) > rel_tol * scale for x, y in zip(a, b))
     return distinct, changed

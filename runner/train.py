@@ -25,8 +25,8 @@ from envs import INVALID, Score, make_env
 from runner import checkpoint as ckpt
 from runner import host
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
-from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, overlong_penalty, policy_loss,
-                               top_entropy_mask)
+from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, lr_factor, overlong_penalty,
+                               policy_loss, top_entropy_mask)
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig, flatten, to_dict
 from runner.forward import length_buckets, sequence_logprobs
@@ -511,6 +511,9 @@ class Trainer:
         the backend's micro-batches, each normalised by whole-batch counts (all ranks), so
         their gradients add up to the full batch's."""
         a, bk = self.cfg.algo, self.backend
+        lr = a.lr * lr_factor(a.lr_schedule, max(self.step, 1), self.cfg.train.steps, a.warmup_steps)
+        for g in getattr(self.opt, "param_groups", []):  # set before any backward: DeepSpeed steps inside it
+            g["lr"] = lr
         mask = batch.completion_mask
         tokens, seqs = bk.all_sum([mask.sum().item(), len(batch)])
         norm = BatchNorm(tokens=max(tokens, 1.0), seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
@@ -600,6 +603,7 @@ class Trainer:
         out["train/adv_abs_mean"] = bk.all_sum([adv.abs().sum().item()])[0] / max(seqs, 1.0)
         out["train/skipped_seq_frac"] = 1.0 - bk.all_sum([kept])[0] / max(seqs, 1.0)
         out["train/nonfinite_total"] = float(self.nonfinite_total)
+        out["train/lr"] = lr
         out.update(timing)
         return out
 

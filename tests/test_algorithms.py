@@ -137,3 +137,15 @@ def test_loss_temperature_divides_the_logits():
     torch.testing.assert_close(lp15, ref_lp)
     torch.testing.assert_close(ent15, ref_ent)
     assert (ent15 > ent1).all() and (lp15 < lp1).all()  # flatter distribution, the argmax less likely
+
+
+def test_lr_schedules_follow_the_hugging_face_formulas():
+    from runner.algorithms import lr_factor
+
+    assert [lr_factor("constant", s, 4) for s in (1, 4)] == [1.0, 1.0]
+    assert [lr_factor("linear", s, 4) for s in (1, 2, 3, 4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert [lr_factor("cosine", s, 4) for s in (1, 3)] == pytest.approx([1.0, 0.5])
+    # warm-up: linear from 1/(w+1) to 1, then the schedule over the remaining steps
+    assert [lr_factor("linear", s, 6, warmup=2) for s in (1, 2, 3, 4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75])
+    with pytest.raises(ValueError, match="algo.lr_schedule='step'"):
+        lr_factor("step", 1, 4)

@@ -35,8 +35,13 @@ def test_every_option_composes_and_validates(group, option):
 
 def test_defaults_are_the_main_job():
     cfg = validate(composed())
-    assert (cfg.env.name, cfg.shaper.name, cfg.algo.name, cfg.model.name) == ("even_dice", "divisor", "grpo", "smollm2_135m")
-    assert cfg.algo.group_size == 6
+    assert (cfg.env.name, cfg.shaper.name, cfg.algo.name, cfg.model.name) == ("even_dice", "divisor", "grpo_wide", "smollm2_135m")
+    # one wide group a step, unscaled advantages, a decaying lr (README: why the divisor failed at G=6)
+    assert (cfg.algo.group_size, cfg.train.prompts_per_step) == (48, 1)
+    assert (cfg.algo.scale_rewards, cfg.algo.lr_schedule, cfg.algo.lr) == ("none", "linear", 2e-5)
+    # the post's recipes keep the post's setting
+    post = validate(composed(["recipe=even_dice_divisor"]))
+    assert (post.algo.name, post.algo.group_size, post.train.prompts_per_step, post.algo.scale_rewards) == ("grpo", 6, 2, "group")
     assert cfg.env.prompt == "roll a dice. output the roll in <answer></answer> tags."
     assert cfg.env.assistant_prefix == "<answer>"
 
@@ -59,6 +64,7 @@ def test_defaults_are_the_main_job():
         (["trainer.precision=fp16"], "trainer.precision='fp16': must be one of auto, fp32, bf16"),
         (["algo.loss_temperature=0"], "algo.loss_temperature=0.0: must be a number in [0.05, 20]"),
         (["report=phases"], "report='phases': must be null, dice_post or phase"),
+        (["algo.lr_schedule=step"], "algo.lr_schedule='step': must be one of constant, linear, cosine"),
     ],
 )
 def test_bad_values_name_the_key(overrides, first_line):

@@ -15,7 +15,8 @@ from runner.backend import ds_config
 from runner.config import ConfigError, validate
 from runner.launch import command, free_port
 
-TINY = ["model=tiny", "train.eval_samples=8", "rollout.max_new_tokens=6"]
+TINY = ["model=tiny", "train.eval_samples=8", "rollout.max_new_tokens=6", "algo.group_size=6",
+        "train.prompts_per_step=2"]
 
 
 def cfg_of(prompts=4, **trainer):

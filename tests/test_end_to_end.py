@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
 
-FAST = ["model=tiny", "train.eval_every=2", "train.eval_samples=8", "train.prompts_per_step=2",
+FAST = ["model=tiny", "train.eval_every=2", "train.eval_samples=8", "train.prompts_per_step=2", "algo.group_size=6",
         "rollout.max_new_tokens=6", "train.checkpoint_every=2"]
 
 
@@ -44,7 +44,7 @@ def test_run_logs_config_metrics_and_artifacts(trained):
     run = only_run(c)
     assert run.info.status == "FINISHED"
     assert {k: run.data.tags[k] for k in ("env", "algo", "shaper", "model")} == {
-        "env": "even_dice", "algo": "grpo", "shaper": "divisor", "model": "tiny"}
+        "env": "even_dice", "algo": "grpo_wide", "shaper": "divisor", "model": "tiny"}
     assert run.data.tags["stop_reason"] == "completed"
     assert run.data.params["algo.group_size"] == "6" and run.data.params["train.steps"] == "3"
     for key in ["reward/raw_mean", "reward/shaped_mean", "answers/frac/2", "answers/frac/invalid",
@@ -56,6 +56,9 @@ def test_run_logs_config_metrics_and_artifacts(trained):
                 "groups/distinct_rewarded_mean", "groups/multi_rewarded_frac", "shaper/effective_group_frac",
                 "policy/prob/min_rewarded", "policy/prob/rewarded_mass", "policy/prob/2", "train/skipped_seq_frac"]:
         assert steps_of(c, run.info.run_id, key) == [1, 2, 3], key
+    # the main job's linear lr decay (algo=grpo_wide): 2e-5 x (1, 2/3, 1/3) over 3 steps
+    lrs = [v for _, v in sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/lr"))]
+    assert lrs == pytest.approx([2e-5, 2e-5 * 2 / 3, 2e-5 / 3])
     # evaluation at step 2 (eval_every) and at the end, with exact answer probabilities
     assert steps_of(c, run.info.run_id, "eval/answers/valid_rate") == [2, 3]
     probs = [c.get_metric_history(run.info.run_id, f"eval/prob/{k}")[-1].value for k in "123456"]

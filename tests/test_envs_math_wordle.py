@@ -164,6 +164,7 @@ def test_divisor_shaper_counts_equivalent_math_answers_as_one():
 ])
 def test_environment_runs_on_the_tiny_model(tmp_path, env_args):
     p = run_cli(["model=tiny", *env_args, "train.steps=2", "train.eval_every=2", "rollout.max_new_tokens=4",
+                 "algo.group_size=6", "train.prompts_per_step=2",
                  f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run, m = only_run(tmp_path)

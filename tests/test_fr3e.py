@@ -62,6 +62,7 @@ def test_branches_share_their_prefix_which_is_never_trained(tiny):
 def test_fr3e_runs_with_the_divisor_shaper(tmp_path):
     p = run_cli(["model=tiny", "rollout.strategy=fr3e", "rollout.fr3e.anchors=2", "shaper=divisor", "train.steps=2",
                  "train.eval_every=0", "train.eval_samples=8", "rollout.max_new_tokens=6", "algo.clip_high=0.28",
+                 "algo.group_size=6", "train.prompts_per_step=2",
                  f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run, m = only_run(tmp_path)
