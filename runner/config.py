@@ -197,7 +197,7 @@ class RolloutConfig:
     name: str = "hf"
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = 8
     # loop: prompt prefilled once per group, lean sampling loop; generate: model.generate
     engine: str = "loop"
     # Weights rollouts sample from: auto (bfloat16 where native), float32 or bfloat16.

@@ -209,7 +209,7 @@ def test_overlong_penalty_values():
         ("algo.top_entropy_quantile=1.5", "algo.top_entropy_quantile=1.5: must be in (0, 1]"),
         ("algo.kl.estimator=k4", "algo.kl.estimator='k4': must be one of k1, k2, k3"),
         ("algo.entropy.scope=tail", "algo.entropy.scope='tail': must be one of all, answer"),
-        ("algo.overlong.buffer=16", "algo.overlong.buffer=16: must be < rollout.max_new_tokens (16)"),
+        ("algo.overlong.buffer=16", "algo.overlong.buffer=16: must be < rollout.max_new_tokens (8)"),
     ],
 )
 def test_invalid_combinations_fail_before_loading(override, first_line):
