@@ -11,7 +11,6 @@ and *collapsed* (the top answer >= 0.80). Rates are over seeds; a cell shows "k/
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,46 +106,24 @@ def phase(uri: str, parent_run_id: Optional[str] = None, experiment: Optional[st
           out: Path = Path("phase")) -> tuple[str, dict]:
     from mlflow.tracking import MlflowClient
 
-    from runner.tracking import Tracker
+    from runner.report import publish, study_runs
 
     client = MlflowClient(uri)
-    if parent_run_id:
-        exp_id = client.get_run(parent_run_id).info.experiment_id
-        flt = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    else:
-        exp_id = client.get_experiment_by_name(experiment or "runner").experiment_id
-        flt = ""
-    runs = client.search_runs([exp_id], filter_string=flt, max_results=5000)
+    exp_id, runs = study_runs(client, parent_run_id, experiment)
     outcomes = [o for o in (outcome_of(r) for r in runs) if o is not None]
     text, stats = table(outcomes)
     text = ("# Phase diagram: spread / collapsed seeds per group size x shaper\n\n"
             "Final evaluation (samples at T=1). spread: each valid answer >= 0.20 and at most 0.10 unrewarded; "
             "collapsed: the top answer >= 0.80.\n\n" + text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "phase.md").write_text(text)
-    paths = [heatmap(stats, out / "phase_heatmap.png")] if stats else []
-    if parent_run_id:
-        t = Tracker(uri, client.get_experiment(exp_id).name)
-        t.run_id = parent_run_id
-        t.log_text(text, "phase.md")
-        for p in paths:
-            t.log_artifact(p)
-        t.flush()
+    publish(client, uri, exp_id, parent_run_id, out, "phase.md", text,
+            lambda o: [heatmap(stats, o / "phase_heatmap.png")] if stats else [])
     return text, stats
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runner.phase", description=__doc__.splitlines()[0])
-    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
-    p.add_argument("--parent", default=None, help="a sweep's parent run id")
-    p.add_argument("--experiment", default="runner")
-    p.add_argument("--out", type=Path, default=Path("phase"))
-    a = p.parse_args(argv)
-    from runner.tracking import resolve_uri
+    from runner.report import study_cli
 
-    text, _ = phase(resolve_uri(a.uri), a.parent, a.experiment, a.out)
-    print(text)
-    return 0
+    return study_cli(argv, "python -m runner.phase", __doc__, "phase", phase)
 
 
 if __name__ == "__main__":

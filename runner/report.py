@@ -302,48 +302,66 @@ def plots(runs: list[RunSummary], out: Path) -> list[Path]:
     return [p1, p2]
 
 
-def report(uri: str, parent_run_id: Optional[str] = None, experiment: Optional[str] = None,
-           out: Path = Path(".")) -> tuple[str, dict[str, str]]:
-    from mlflow.tracking import MlflowClient
-
-    from runner.tracking import Tracker
-
-    client = MlflowClient(uri)
+def study_runs(client, parent_run_id: Optional[str], experiment: Optional[str]) -> tuple[str, list]:
+    """(experiment id, runs) of a study: a sweep's children, or every run of an experiment."""
     if parent_run_id:
         exp_id = client.get_run(parent_run_id).info.experiment_id
         flt = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     else:
         exp_id = client.get_experiment_by_name(experiment or "runner").experiment_id
         flt = ""
-    found = [r for r in client.search_runs([exp_id], filter_string=flt, max_results=5000)
-             if r.data.tags.get("recipe") and r.info.status == "FINISHED" and "eval/answers/valid_rate" in r.data.metrics]
-    runs = [summarise_run(client, r) for r in found]
-    text, verdicts = build(runs)
+    return exp_id, client.search_runs([exp_id], filter_string=flt, max_results=5000)
+
+
+def publish(client, uri: str, exp_id: str, parent_run_id: Optional[str], out: Path, name: str, text: str,
+            plot) -> list[Path]:
+    """Write `name` and the plots (`plot(out) -> paths`) to `out`, and log them to the parent run."""
+    from runner.tracking import Tracker
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    paths = plots(runs, out) if runs else []
+    (out / name).write_text(text)
+    paths = plot(out)
     if parent_run_id:
         t = Tracker(uri, client.get_experiment(exp_id).name)
         t.run_id = parent_run_id
-        t.log_text(text, "report.md")
+        t.log_text(text, name)
         for p in paths:
             t.log_artifact(p)
         t.flush()
+    return paths
+
+
+def report(uri: str, parent_run_id: Optional[str] = None, experiment: Optional[str] = None,
+           out: Path = Path(".")) -> tuple[str, dict[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id, found = study_runs(client, parent_run_id, experiment)
+    found = [r for r in found
+             if r.data.tags.get("recipe") and r.info.status == "FINISHED" and "eval/answers/valid_rate" in r.data.metrics]
+    runs = [summarise_run(client, r) for r in found]
+    text, verdicts = build(runs)
+    publish(client, uri, exp_id, parent_run_id, out, "report.md", text, lambda o: plots(runs, o) if runs else [])
     return text, verdicts
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
+def study_cli(argv, prog: str, doc: str, default_out: str, fn) -> int:
+    """The CLI of a study report: `fn(uri, parent, experiment, out) -> (text, ...)`, printed."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     p.add_argument("--parent", default=None, help="a sweep's parent run id")
     p.add_argument("--experiment", default="runner")
-    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--out", type=Path, default=Path(default_out))
     a = p.parse_args(argv)
     from runner.tracking import resolve_uri
 
-    text, _ = report(resolve_uri(a.uri), a.parent, a.experiment, a.out)
+    text = fn(resolve_uri(a.uri), a.parent, a.experiment, a.out)[0]
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    return study_cli(argv, "python -m runner.report", __doc__, "report", report)
 
 
 if __name__ == "__main__":

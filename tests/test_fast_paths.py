@@ -110,6 +110,16 @@ def test_sampling_loop_equals_generate_when_greedy(tiny):
     assert torch.equal(loop.input_ids[:, :n], gen.input_ids[:, :n])
 
 
+def assert_sampler_logprobs_match_training(model, b):
+    """The sampling loop's log-probs of its tokens equal the training forward's."""
+    model.eval()
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, b)
+    model.train()
+    m = b.completion_mask.bool()
+    torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
+
+
 def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, monkeypatch):
     """Rows that stop early are dropped from the KV cache; the rows still decoding must keep
     exactly the probabilities the policy gives their tokens (a wrong cache row would not)."""
@@ -134,12 +144,7 @@ def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, 
     b = HFRollout(max_new_tokens=8).generate(model, tok, PROMPTS, 3)
     lengths = b.completion_lengths.tolist()
     assert lengths[0] == lengths[3] == 2 and lengths[4] == 4 and max(lengths) == 8
-    model.eval()
-    with torch.no_grad():
-        logp, _ = sequence_logprobs(model, b)
-    model.train()
-    m = b.completion_mask.bool()
-    torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
+    assert_sampler_logprobs_match_training(model, b)
     assert (b.input_ids[0, b.prompt_len + 2:] == tok.pad_token_id).all()
 
 
@@ -147,13 +152,8 @@ def test_sampling_loop_is_consistent_with_teacher_forcing(tiny):
     """Sampled tokens must have the probabilities the policy gives them in training."""
     model, _ = tiny
     b = batch(tiny, seed=3)
-    model.eval()
-    with torch.no_grad():
-        logp, _ = sequence_logprobs(model, b)
-    model.train()
-    m = b.completion_mask.bool()
-    torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
-    assert m[:, 0].all() and len(b) == 6
+    assert_sampler_logprobs_match_training(model, b)
+    assert b.completion_mask[:, 0].all() and len(b) == 6
 
 
 def test_top_p_keeps_the_nucleus():
