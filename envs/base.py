@@ -1,4 +1,26 @@
-"""The contract between environments and the runner (DESIGN.md, "Parts and their contracts")."""
+"""The contract between environments and the runner: the public interface a user's
+environment implements (README, "Write your own environment"; DESIGN.md, "Parts and their
+contracts").
+
+An environment is built by its config's `_target_` (a class or a function) from the config's
+other keys; its parameters are its schema (runner/plugins.py). It must have:
+
+- `name`, `answer_space`, `valid_answers` (None where answers are unbounded);
+- `prompts(step, n)`: the n prompts of a training step (each is sampled algo.group_size times);
+- `score(prompt, completion, finished)`: a Score per rollout.
+
+and may have:
+
+- `check_config(cfg: dict)` (a static or class method): raise ValueError("key=value: rule") for
+  a bad setting; the runner reports it as `env.key=...` before any model loads;
+- `score_batch(prompts, completions, finished)`: a Score per rollout for a whole batch at
+  once (a reward model, a batched verifier); used instead of `score` where present;
+- `eval_prompts()` and `eval_k`: a held-out set, each prompt sampled eval_k times at
+  evaluation (accuracy, pass@k, maj@k);
+- `new_game(prompt)`, `score_game(game)`, `game_metrics(games, prefix)`: multi-turn episodes
+  (envs/wordle.py is the example);
+- `metrics(scores, prefix)`: extra metrics of its own over a batch's Scores.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +53,15 @@ class Score:
     answer_span: Optional[tuple[int, int]] = None
     # Whether the answer is right, where that is more than "reward > 0" (math, Wordle).
     correct: Optional[bool] = None
+    # The reward's parts where it is a sum (a dataset env's reward functions): logged as
+    # reward/<part> means, as TRL logs each reward function.
+    components: Optional[dict[str, float]] = None
+
+
+def require(cond: bool, key: str, value: object, rule: str) -> None:
+    """For `check_config`: a ValueError whose text names the key, as the runner's own errors do."""
+    if not cond:
+        raise ValueError(f"{key}={value!r}: {rule}")
 
 
 class Environment(Protocol):

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from envs.base import INVALID, Prompt, Score
+from envs.base import INVALID, Prompt, Score, require
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _STRICT = re.compile(r"<answer>(\d+)</answer>")
@@ -49,7 +49,11 @@ class DiceEnv:
     assistant_prefix: str = "<answer>"
     strict_format: bool = False
     faces: int = 6
-    even_only: bool = False
+    even_only: bool = False  # true: only even faces earn reward (even_dice)
+
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        require(cfg["faces"] >= 2, "faces", cfg["faces"], "must be >= 2")
 
     def __post_init__(self) -> None:
         self.answer_space = [str(i) for i in range(1, self.faces + 1)]

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from envs.base import INVALID, Prompt, Score
+from envs.base import INVALID, Prompt, Score, require
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPEN = re.compile(r"<answer>([^\n<]*)")
@@ -105,6 +105,24 @@ class MathEnv:
     format_reward: float = 0.0  # added when the answer is well-formed, right or wrong
     strict_format: bool = False  # true: only a closed tag (or boxed) counts as an answer
     name: str = "math"
+
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        from reasoning_gym.factory import DATASETS  # ~1 s to import, only for this environment
+
+        tasks = cfg["tasks"]
+        require(bool(tasks), "tasks", tasks, "must name at least one reasoning-gym generator")
+        for name, opts in tasks.items():
+            require(name in DATASETS, f"tasks.{name}", name, "is not a reasoning-gym generator; e.g. "
+                    f"basic_arithmetic, chain_sum, countdown, gsm_symbolic (all: {len(DATASETS)})")
+            require(opts is None or isinstance(opts, dict), f"tasks.{name}", opts,
+                    "must be a group of settings ({weight: 1.0, ...})")
+            w = (opts or {}).get("weight", 1.0)
+            require(isinstance(w, (int, float)) and w > 0, f"tasks.{name}.weight", w, "must be > 0")
+        for k in ("train_size", "eval_size", "eval_k"):
+            require(cfg[k] >= 1, k, cfg[k], "must be >= 1")
+        require(cfg["answer_format"] in ("answer", "boxed"), "answer_format", cfg["answer_format"],
+                "must be one of answer, boxed")
 
     def __post_init__(self) -> None:
         self.answer_space = None  # unbounded answers

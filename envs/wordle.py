@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from envs.base import INVALID, Prompt, Score
+from envs.base import INVALID, Prompt, Score, require
 
 _GUESS = re.compile(r"<guess>(.*?)</guess>", re.DOTALL | re.IGNORECASE)
 _OPEN = re.compile(r"<guess>\s*([A-Za-z]{5})\b", re.IGNORECASE)
@@ -62,6 +62,9 @@ def consistent(guess: str, history: list[tuple[str, str]]) -> bool:
     return all(feedback(guess, g) == m for g, m in history)
 
 
+REWARD_WEIGHTS = {"solve": 1.0, "turn_bonus": 0.1, "format": 0.1, "partial": 0.2, "repeat": 0.0, "inconsistent": 0.0}
+
+
 @dataclass
 class Game:
     secret: str
@@ -76,30 +79,36 @@ class Game:
 
 @dataclass
 class WordleEnv:
-    words: list[str]
-    eval_size: int = 32
+    # secrets and allowed guesses; None: reasoning-gym's Wordle list (5-letter words)
+    words: Optional[list[str]] = None
+    eval_size: int = 32  # held-out secrets, each played eval_k times at evaluation
     eval_k: int = 4
     seed: int = 0
     max_turns: int = 6
     assistant_prefix: str = "<guess>"
     system_prompt: Optional[str] = None
-    w_solve: float = 1.0
-    w_turn_bonus: float = 0.1  # per unused turn when solved
-    w_format: float = 0.1  # times the share of well-formed, allowed guesses
-    w_partial: float = 0.2  # times (greens + 0.5 yellows) / 5 of the best guess
-    w_repeat: float = 0.0  # penalty per repeated guess
-    w_inconsistent: float = 0.0  # penalty per guess that contradicts earlier feedback
+    # solve, turn_bonus (per unused turn when solved), format (x share of well-formed allowed
+    # guesses), partial (x (greens + 0.5 yellows) / 5 of the best guess), repeat and
+    # inconsistent (penalties per such guess); keys left out keep their defaults
+    reward_weights: dict[str, float] = field(default_factory=lambda: dict(REWARD_WEIGHTS))
     name: str = "wordle"
 
-    @classmethod
-    def from_config(cls, cfg, seed: int) -> "WordleEnv":
-        from reasoning_gym.data.wordle_words import wordle_words
-
-        return cls(words=sorted({w.lower() for w in wordle_words if len(w) == 5}), eval_size=cfg.eval_size,
-                   eval_k=cfg.eval_k, seed=seed, max_turns=cfg.max_turns, assistant_prefix=cfg.assistant_prefix,
-                   system_prompt=cfg.system_prompt, **{f"w_{k}": v for k, v in cfg.reward_weights.items()})
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        require(1 <= cfg["max_turns"] <= 20, "max_turns", cfg["max_turns"], "must be in 1..20")
+        require(cfg["eval_size"] >= 1, "eval_size", cfg["eval_size"], "must be >= 1")
+        require(cfg["eval_k"] >= 1, "eval_k", cfg["eval_k"], "must be >= 1")
+        for k, v in cfg["reward_weights"].items():
+            require(k in REWARD_WEIGHTS, "reward_weights key", k, f"must be one of {', '.join(REWARD_WEIGHTS)}")
+            require(isinstance(v, (int, float)) and v >= 0, f"reward_weights.{k}", v, "must be a number >= 0")
 
     def __post_init__(self) -> None:
+        if self.words is None:
+            from reasoning_gym.data.wordle_words import wordle_words
+
+            self.words = sorted({w.lower() for w in wordle_words if len(w) == 5})
+        for k, v in {**REWARD_WEIGHTS, **self.reward_weights}.items():
+            setattr(self, f"w_{k}", float(v))
         self.answer_space = None
         self.valid_answers = None
         self.allowed = set(self.words)

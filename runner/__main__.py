@@ -16,8 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 import runner  # noqa: F401  (sets thread environment before torch is imported)
 from runner.budget import CostMeter
 from runner.config import ConfigError, validate
+from runner.plugins import register_entry_points
 
 log = logging.getLogger("runner")
+# installed packages' environments (entry points `runner.envs`) become env=<name>
+register_entry_points()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -92,8 +92,8 @@ def run_trl(a, bf16: bool = False) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from envs import make_env
     from runner.models import load_policy
+    from runner.plugins import build_env
     from runner.rollout import render
 
     cfg = _config(a)
@@ -101,7 +101,7 @@ def run_trl(a, bf16: bool = False) -> dict:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     model, tok = load_policy(cfg.model, "cpu" if a.device == "cpu" else "cuda")
-    env = make_env(cfg.env)
+    env = build_env(cfg.env, cfg.seed)
     prompt = env.prompts(0, 1)[0]
     text = render(tok, prompt)
 

@@ -82,33 +82,60 @@ class Embedder:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def cluster_keys(kind: str, keys: Sequence[str], completions: Sequence[str], groups: Sequence[int],
-                 threshold: float = 0.9) -> list[str]:
-    """A cluster key per rollout; rollouts of different groups never share one."""
-    if kind == "exact":
-        return list(keys)
-    out = [""] * len(keys)
+def _by_group(groups: Sequence[int]) -> dict[int, list[int]]:
     by_group: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
-    for g, idx in by_group.items():
+    return by_group
+
+
+def _linked(kind: str, groups: Sequence[int], link) -> list[str]:
+    """Cluster keys from a pairwise `link(i, j, same_cluster_so_far)` within each group:
+    the connected parts of the links."""
+    out = [""] * len(groups)
+    for g, idx in _by_group(groups).items():
         uf = _UnionFind(len(idx))
-        if kind == "normalized":
-            for a in range(len(idx)):
-                for b in range(a + 1, len(idx)):
-                    if uf.find(a) != uf.find(b) and _equivalent(keys[idx[a]], keys[idx[b]]):
-                        uf.union(a, b)
-        elif kind == "embedding":
-            emb = Embedder.shared()([completions[i] for i in idx])
-            sim = emb @ emb.T
-            for a in range(len(idx)):
-                for b in range(a + 1, len(idx)):
-                    if sim[a, b] >= threshold:
-                        uf.union(a, b)
-        else:
-            raise ValueError(f"shaper.cluster={kind!r}: must be one of {', '.join(CLUSTERERS)}")
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                if uf.find(a) != uf.find(b) and link(idx[a], idx[b]):
+                    uf.union(a, b)
         for j, i in enumerate(idx):
             out[i] = f"{kind}:{g}:{uf.find(j)}"
+    return out
+
+
+def cluster_exact(keys: Sequence[str], completions: Sequence[str], groups: Sequence[int],
+                  threshold: float = 0.9) -> list[str]:
+    return list(keys)
+
+
+def cluster_normalized(keys: Sequence[str], completions: Sequence[str], groups: Sequence[int],
+                       threshold: float = 0.9) -> list[str]:
+    return _linked("normalized", groups, lambda i, j: _equivalent(keys[i], keys[j]))
+
+
+def cluster_embedding(keys: Sequence[str], completions: Sequence[str], groups: Sequence[int],
+                      threshold: float = 0.9) -> list[str]:
+    sims = {}
+    for idx in _by_group(groups).values():
+        emb = Embedder.shared()([completions[i] for i in idx])
+        sim = emb @ emb.T
+        for a, i in enumerate(idx):
+            for b, j in enumerate(idx):
+                sims[i, j] = float(sim[a, b])
+    return _linked("embedding", groups, lambda i, j: sims[i, j] >= threshold)
+
+
+def cluster_keys(kind: str, keys: Sequence[str], completions: Sequence[str], groups: Sequence[int],
+                 threshold: float = 0.9) -> list[str]:
+    """A cluster key per rollout from the clusterer `kind`: a built-in name or the import
+    path of a user's function with this signature. Shapers count keys within a group, so
+    rollouts of different groups never share a cluster whatever the keys."""
+    from runner.plugins import clusterer_function
+
+    out = [str(k) for k in clusterer_function(kind)(list(keys), list(completions), list(groups), threshold)]
+    if len(out) != len(keys):
+        raise ValueError(f"clusterer {kind} returned {len(out)} keys for {len(keys)} rollouts")
     return out
 
 

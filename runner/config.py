@@ -9,19 +9,21 @@ bad command line fails in about a second and touches no file.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
 import os
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "ConfigError",
     "RunConfig",
-    "EnvConfig",
     "AlgoConfig",
     "ShaperConfig",
     "ModelConfig",
@@ -33,7 +35,6 @@ __all__ = [
     "validate",
     "ENV_NAMES",
     "SHAPER_NAMES",
-    "ALGO_NAMES",
 ]
 
 
@@ -41,8 +42,8 @@ class ConfigError(ValueError):
     """A bad key or value in the composed config. `str()` is a single line that names it."""
 
 
-ENV_NAMES = ("dice", "even_dice", "math", "wordle")
-ALGO_NAMES = ("grpo", "grpo_wide", "dr_grpo", "dapo", "cispo", "gspo", "rloo")
+# the environments in conf/env/ (any other `_target_` works the same way: runner/plugins.py)
+ENV_NAMES = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "env").glob("*.yaml")))
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SHAPER_NAMES = ("none", "bonus", "divisor")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -50,37 +51,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 MODEL_SOURCES = ("gguf", "tiny", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
 TRAINER_NAMES = ("torch", "deepspeed")
-MATH_TASK_EXAMPLES = ("basic_arithmetic", "chain_sum", "countdown", "gsm_symbolic")
 ROLLOUT_NAMES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 HARDWARE = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "hardware").glob("*.yaml")))
-
-
-@dataclass
-class EnvConfig:
-    name: str = "even_dice"
-    prompt: str = "roll a dice. output the roll in <answer></answer> tags."
-    # None keeps the chat template's default system prompt.
-    system_prompt: Optional[str] = None
-    # Prefilled start of the assistant turn; the default model almost never writes the
-    # tags unprompted (DESIGN.md), so without it GRPO would see reward 0 everywhere.
-    assistant_prefix: str = "<answer>"
-    strict_format: bool = False
-    faces: int = 6
-    # --- env=math ---
-    # reasoning-gym generators to mix: {name: {weight: w, <the generator's difficulty keys>}}
-    tasks: dict = field(default_factory=lambda: {"basic_arithmetic": {"weight": 1.0}})
-    train_size: int = 1000
-    eval_size: int = 32  # held-out problems, each sampled eval_k times at evaluation
-    eval_k: int = 4
-    answer_format: str = "answer"  # answer: <answer></answer> | boxed: \boxed{}
-    think: bool = False  # ask for <think></think> reasoning before the answer
-    format_reward: float = 0.0
-    # --- env=wordle ---
-    max_turns: int = 6
-    # solve, turn_bonus, format, partial, repeat, inconsistent (see envs/wordle.py)
-    reward_weights: dict = field(default_factory=lambda: {"solve": 1.0, "turn_bonus": 0.1, "format": 0.1,
-                                                          "partial": 0.2, "repeat": 0.0, "inconsistent": 0.0})
 
 
 @dataclass
@@ -159,7 +132,10 @@ class AlgoConfig:
 @dataclass
 class ShaperConfig:
     name: str = "divisor"
-    # What counts as the same answer when counting k: exact | normalized | embedding
+    # A user's shaper by import path, `(rewards, keys, groups) -> shaped`; null: the built-in `name`
+    _target_: Optional[str] = None
+    # What counts as the same answer when counting k: exact | normalized | embedding, or the
+    # import path of a function `(keys, completions, groups, threshold) -> cluster keys`
     cluster: str = "exact"
     threshold: float = 0.9  # cosine similarity that links two completions (cluster=embedding)
 
@@ -297,7 +273,9 @@ class RunConfig:
     # A report the sweep builds at its end from its children: null, dice_post or phase.
     report: Optional[str] = None
     output_dir: str = "outputs"
-    env: EnvConfig = field(default_factory=EnvConfig)
+    # the environment's own settings: `_target_`, `name` and the target's parameters
+    # (runner/plugins.py builds a dataclass for them from the target's signature)
+    env: Any = None
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     shaper: ShaperConfig = field(default_factory=ShaperConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -312,18 +290,44 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is not None and type(None) in get_args(tp):
         inner = [a for a in get_args(tp) if a is not type(None)][0]
         return f"{_type_name(inner)} or null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
+            dict: "a group of keys"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert one leaf to its declared type, or raise ConfigError naming the key."""
-    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    """Convert one leaf to its declared type, or raise ConfigError naming the key. Beyond the
+    schema's own types, environments' annotations may use Literal, list/tuple/Sequence,
+    dict[...], unions and Any (runner/plugins.py)."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    optional = origin is not None and type(None) in args
     if optional:
         if value is None:
             return None
-        tp = [a for a in get_args(tp) if a is not type(None)][0]
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) > 1:  # a union: the first type that takes the value
+            for a in rest:
+                try:
+                    return _coerce(key, value, a)
+                except ConfigError:
+                    pass
+            raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in rest)} or null")
+        tp = rest[0]
+        origin, args = get_origin(tp), get_args(tp)
+    elif origin in (Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
     bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}{' or null' if optional else ''}")
     if tp is bool:
         if isinstance(value, bool):
@@ -341,11 +345,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise bad
         return value
-    if tp is dict:
+    if tp is dict or origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
-            raise bad
+            raise ConfigError(f"{key}={value!r}: expected a group of keys")
         return value
-    raise bad  # pragma: no cover - schema uses only the types above
+    if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. [a, b]")
+        if args and len(args) == 1:
+            return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return list(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise bad
+    return value
 
 
 def _build(cls: type, node: Any, prefix: str) -> Any:
@@ -365,11 +377,26 @@ def _build(cls: type, node: Any, prefix: str) -> Any:
             continue
         key = _join(prefix, name)
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if cls is RunConfig and name == "env":
+            kwargs[name] = _env(node[name])
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, node[name], key)
         else:
             kwargs[name] = _coerce(key, node[name], tp)
     return cls(**kwargs)
+
+
+# the main job's environment, for a config given without an env group (tests, tools)
+DEFAULT_ENV = {"_target_": "envs.dice.DiceEnv", "name": "even_dice", "even_only": True}
+
+
+def _env(node: Any) -> Any:
+    from runner.plugins import PluginError, env_settings
+
+    try:
+        return env_settings(node, _coerce)
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -393,20 +420,8 @@ def _is_hub_id(p: str) -> bool:
 
 def _check_ranges(c: RunConfig) -> None:
     _check(c.report in (None, "dice_post", "phase"), "report", c.report, "must be null, dice_post or phase")
-    _one_of("env.name", c.env.name, ENV_NAMES)
-    _check(c.env.faces >= 2, "env.faces", c.env.faces, "must be >= 2")
-    if c.env.name == "math":
-        _check_math(c.env)
-    if c.env.name == "wordle":
-        e = c.env
-        _check(1 <= e.max_turns <= 20, "env.max_turns", e.max_turns, "must be in 1..20")
-        _check(e.eval_size >= 1, "env.eval_size", e.eval_size, "must be >= 1")
-        _check(e.eval_k >= 1, "env.eval_k", e.eval_k, "must be >= 1")
-        allowed = ("solve", "turn_bonus", "format", "partial", "repeat", "inconsistent")
-        for k, v in e.reward_weights.items():
-            _one_of("env.reward_weights key", k, allowed)
-            _check(isinstance(v, (int, float)) and v >= 0, f"env.reward_weights.{k}", v, "must be a number >= 0")
-    _one_of("algo.name", c.algo.name, ALGO_NAMES)
+    # an algorithm preset is any file that sets the loss switches: its name is a label
+    _check(bool(c.algo.name), "algo.name", c.algo.name, "must be a non-empty label (e.g. grpo)")
     a = c.algo
     _check(a.group_size >= 2, "algo.group_size", a.group_size,
            "must be an integer >= 2 (a group of 1 has no baseline to compare against)")
@@ -445,8 +460,7 @@ def _check_ranges(c: RunConfig) -> None:
            a.dynamic_sampling.max_rounds, "must be >= 1")
     _check(a.overlong.buffer >= 1, "algo.overlong.buffer", a.overlong.buffer, "must be >= 1")
     _check(a.overlong.penalty >= 0, "algo.overlong.penalty", a.overlong.penalty, "must be >= 0")
-    _one_of("shaper.name", c.shaper.name, SHAPER_NAMES)
-    _one_of("shaper.cluster", c.shaper.cluster, ("exact", "normalized", "embedding"))
+    _check_shaper(c.shaper)
     _check(-1 <= c.shaper.threshold <= 1, "shaper.threshold", c.shaper.threshold, "must be in [-1, 1] (a cosine similarity)")
 
     m = c.model
@@ -476,7 +490,10 @@ def _check_ranges(c: RunConfig) -> None:
     if r.strategy == "fr3e":
         f = r.fr3e
         _check(r.name == "hf", "rollout.strategy", r.strategy, "fr3e needs rollout=hf (it branches from prefixes)")
-        _check(c.env.name != "wordle", "rollout.strategy", r.strategy, "fr3e is single-turn: not with env=wordle")
+        from runner.plugins import is_multi_turn
+
+        _check(not is_multi_turn(c.env), "rollout.strategy", r.strategy,
+               f"fr3e is single-turn: not with the multi-turn env={c.env.name}")
         _check(f.base_samples >= 1, "rollout.fr3e.base_samples", f.base_samples, "must be >= 1")
         _check(f.anchors is None or f.anchors >= 1, "rollout.fr3e.anchors", f.anchors, "must be >= 1 or null")
         _check(f.percentile is None or 0 < f.percentile < 100, "rollout.fr3e.percentile", f.percentile,
@@ -532,21 +549,19 @@ def _check_ranges(c: RunConfig) -> None:
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
 
 
-def _check_math(e: EnvConfig) -> None:
-    from reasoning_gym.factory import DATASETS  # only for env=math (~1 s to import)
+def _check_shaper(sh: ShaperConfig) -> None:
+    """A user's shaper or clusterer must import and be callable before anything loads."""
+    from runner.plugins import PluginError, clusterer_function, import_object
 
-    _check(bool(e.tasks), "env.tasks", e.tasks, "must name at least one reasoning-gym generator")
-    for name, opts in e.tasks.items():
-        _check(name in DATASETS, f"env.tasks.{name}", name,
-               f"is not a reasoning-gym generator; e.g. {', '.join(MATH_TASK_EXAMPLES)} (all: {len(DATASETS)})")
-        _check(opts is None or isinstance(opts, dict), f"env.tasks.{name}", opts,
-               "must be a group of settings ({weight: 1.0, ...})")
-        w = (opts or {}).get("weight", 1.0)
-        _check(isinstance(w, (int, float)) and w > 0, f"env.tasks.{name}.weight", w, "must be > 0")
-    _check(e.train_size >= 1, "env.train_size", e.train_size, "must be >= 1")
-    _check(e.eval_size >= 1, "env.eval_size", e.eval_size, "must be >= 1")
-    _check(e.eval_k >= 1, "env.eval_k", e.eval_k, "must be >= 1")
-    _one_of("env.answer_format", e.answer_format, ("answer", "boxed"))
+    try:
+        if sh._target_ is not None:
+            _check(callable(import_object(sh._target_, "shaper._target_")), "shaper._target_", sh._target_,
+                   "is not a function (rewards, keys, groups) -> shaped rewards")
+        else:
+            _one_of("shaper.name", sh.name, SHAPER_NAMES)
+        _check(callable(clusterer_function(sh.cluster)), "shaper.cluster", sh.cluster, "is not a function")
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_deepspeed(c: RunConfig) -> None:
@@ -588,6 +603,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     else:
         raw = dict(cfg)
     raw.pop("hydra", None)
+    raw.setdefault("env", DEFAULT_ENV)
     run = _build(RunConfig, raw, "")
     if run.model.path:  # model.path=... on any preset: load those weights instead
         run.model.source = "pretrained"

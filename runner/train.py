@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from envs import INVALID, Score, make_env
+from envs import INVALID, Score
 from runner import checkpoint as ckpt
 from runner import host
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
@@ -32,6 +32,7 @@ from runner.config import RunConfig, flatten, to_dict
 from runner.forward import length_buckets, sequence_logprobs
 from runner.metrics import answer_distribution, entropy, group_mechanics, tv_to_uniform
 from runner.models import load_policy
+from runner.plugins import build_env
 from runner.rollout import (RolloutBatch, completion_extents, concat, make_rollout, render, select, span_token_mask,
                             trim_completions)
 from runner.clustering import cluster_keys, clusters_per_group
@@ -131,7 +132,7 @@ class Trainer:
         self.generated_tokens = 0  # rollout tokens sampled so far (FR3E base trajectories included)
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
-        self.env = make_env(cfg.env, cfg.seed)
+        self.env = build_env(cfg.env, cfg.seed)
         self.rollout = make_rollout(cfg.rollout) if cfg.rollout.name == "hf" else None  # vllm: in setup
         if hasattr(self.env, "new_game"):  # multi-turn: the environment answers between turns
             from runner.multiturn import MultiTurnRollout
@@ -341,12 +342,23 @@ class Trainer:
         sh = self.cfg.shaper
         keys = cluster_keys(sh.cluster, [k for k, _ in keys_and_texts], [t for _, t in keys_and_texts], groups,
                             sh.threshold)
-        return list(zip(shape(sh.name, rewards, keys, groups), keys))
+        return list(zip(shape(sh.name, rewards, keys, groups, sh._target_), keys))
 
     def score_batch(self, batch: RolloutBatch) -> list[Score]:
         if batch.episodes is not None:
             return [self.score(p, x, f, episode=e)
                     for p, x, f, e in zip(batch.prompts, batch.completions, batch.finished, batch.episodes)]
+        if hasattr(self.env, "score_batch"):  # the environment scores a whole batch at once
+            try:
+                scores = list(self.env.score_batch(batch.prompts, batch.completions, batch.finished))
+                if len(scores) != len(batch.completions):
+                    raise ValueError(f"score_batch returned {len(scores)} scores for {len(batch.completions)} rollouts")
+                return scores
+            except Exception as e:
+                if self.cfg.train.on_reward_error == "fail":
+                    raise
+                log.warning("score_batch raised at step %d (%s: %s); scoring rollout by rollout",
+                            self.step, type(e).__name__, e)
         return [self.score(p, x, f) for p, x, f in zip(batch.prompts, batch.completions, batch.finished)]
 
     def score(self, prompt, completion: str, finished: bool, episode: Any = None) -> Score:
@@ -401,7 +413,8 @@ class Trainer:
                "dropped": c.dropped_groups, "n_rounds": c.rounds, "rank": bk.rank, "clusters": c.clusters,
                "distinct_correct": self.distinct_correct(c),
                "correct": [bool(s.correct) for _, sc, _ in c.sampled for s in sc if s.correct is not None],
-               "episodes": [e for b, _, _ in c.sampled for e in (b.episodes or [])], "fr3e": c.fr3e}
+               "episodes": [e for b, _, _ in c.sampled for e in (b.episodes or [])], "fr3e": c.fr3e,
+               "components": [s.components for _, sc, _ in c.sampled for s in sc if s.components]}
         recs = bk.gather_objects(rec)
         rows = [row for r in recs for rd in r["rounds"] for row in zip(*rd[:6])]
         raw, shaped_all, keys, exact, lengths, finished = (list(x) for x in zip(*rows))
@@ -443,6 +456,9 @@ class Trainer:
         if corrects:  # environments that judge right and wrong (math, Wordle)
             m["groups/distinct_correct_mean"] = _mean(corrects)
             m["reward/accuracy"] = _mean([float(x) for r in recs for x in r["correct"]])
+        parts = [p for r in recs for p in r["components"]]
+        for k in sorted({k for p in parts for k in p}):  # a summed reward's parts (env=dataset)
+            m[f"reward/{k}"] = _mean([p[k] for p in parts if k in p])
         episodes = [e for r in recs for e in r["episodes"]]
         if episodes:
             m.update(self.env.game_metrics(episodes, "game"))
@@ -686,7 +702,7 @@ class Trainer:
             batch = self.eval_rollout.generate(self.rollout_model, self.tok, [prompt], cfg.train.eval_samples,
                                           temperature=1.0)
         errors_before = self.reward_errors
-        scores = [self.score(prompt, c, f) for c, f in zip(batch.completions, batch.finished)]
+        scores = self.score_batch(batch)
         keys = [s.answer_key for s in scores]
         m = self.answer_metrics(keys, "eval/answers")
         m["eval/reward_mean"] = sum(s.reward for s in scores) / len(scores)

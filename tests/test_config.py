@@ -10,6 +10,7 @@ from conftest import CONF, run_cli
 from runner.config import ENV_NAMES, ConfigError, validate
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+EXAMPLE = CONF.parent / "examples" / "arithmetic"
 
 
 def options(group):
@@ -22,8 +23,11 @@ def composed(overrides=()):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_validates(group, option):
-    extra = ["model.path=/tmp"] if (group, option) == ("model", "pretrained") else []
+def test_every_option_composes_and_validates(group, option, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent.parent))  # import paths resolve from the repo root
+    extra = {("model", "pretrained"): ["model.path=/tmp"],
+             ("env", "dataset"): [f"env.path={EXAMPLE}/problems.jsonl",
+                                  "env.reward_funcs=[examples.arithmetic.rewards.correct]"]}.get((group, option), [])
     cfg = validate(composed([f"{group}={option}", *extra]))
     if group == "hardware":  # a profile written into budget.*
         assert cfg.budget.hardware == option and cfg.budget.usd_per_device_hour > 0

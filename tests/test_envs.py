@@ -1,7 +1,20 @@
-import pytest
+from pathlib import Path
 
-from envs import INVALID, make_env, parse_answer
-from runner.config import EnvConfig
+import pytest
+from omegaconf import OmegaConf
+
+from envs import INVALID, parse_answer
+from runner.config import validate
+from runner.plugins import build_env
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def make_env(name, **keys):
+    """conf/env/<name>.yaml with `keys` on top, through the route every run takes:
+    validation against the target's signature, then Hydra's instantiate."""
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "env" / f"{name}.yaml"))
+    return build_env(validate({"env": {**node, **keys}}).env)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +42,7 @@ def test_parse_answer(text, expected):
 
 
 def score(name, completion, finished=True, strict=False):
-    env = make_env(EnvConfig(name=name, strict_format=strict))
+    env = make_env(name, strict_format=strict)
     return env.score(env.prompts(0, 1)[0], completion, finished)
 
 
@@ -61,11 +74,11 @@ def test_strict_format():
 
 
 def test_prompt_has_the_prefix_and_optional_system():
-    env = make_env(EnvConfig(name="dice"))
+    env = make_env("dice")
     p = env.prompts(0, 3)
     assert len(p) == 3 and p[0].assistant_prefix == "<answer>"
     assert p[0].messages == (("user", "roll a dice. output the roll in <answer></answer> tags."),)
-    env = make_env(EnvConfig(name="dice", system_prompt="be random", assistant_prefix=""))
+    env = make_env("dice", system_prompt="be random", assistant_prefix="")
     assert env.prompts(0, 1)[0].messages[0] == ("system", "be random")
     # with no prefix, the completion itself must contain both tags
     assert env.score(env.prompts(0, 1)[0], "4</answer>", True).reward == 0.0
@@ -73,5 +86,5 @@ def test_prompt_has_the_prefix_and_optional_system():
 
 
 def test_answer_space_and_valid_answers():
-    assert make_env(EnvConfig(name="even_dice")).valid_answers == ["2", "4", "6"]
-    assert make_env(EnvConfig(name="dice", faces=4)).answer_space == ["1", "2", "3", "4"]
+    assert make_env("even_dice").valid_answers == ["2", "4", "6"]
+    assert make_env("dice", faces=4).answer_space == ["1", "2", "3", "4"]

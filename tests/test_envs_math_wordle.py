@@ -57,7 +57,7 @@ def test_wordle_game_turns_rewards_and_end():
     for w in ("hello", "hello", "papal"):
         env.play(lost, f"{w}</guess>")
     assert lost.done and not lost.solved
-    s = _env(w_repeat=0.05).score_game(lost)
+    s = _env(reward_weights={"repeat": 0.05}).score_game(lost)
     best = max(m.count(GREEN) + 0.5 * m.count(YELLOW) for m in (feedback("apple", "hello"), feedback("apple", "papal")))
     assert s.reward == pytest.approx(0.1 + 0.2 * best / 5 - 0.05) and not s.correct
 

@@ -30,10 +30,9 @@ def test_anchor_selection_edge_cases():
 
 def test_branches_share_their_prefix_which_is_never_trained(tiny):
     model, tok = tiny
-    from envs import make_env
-    from runner.config import EnvConfig
+    from envs import DiceEnv
 
-    env = make_env(EnvConfig(name="dice"))
+    env = DiceEnv()
     torch.manual_seed(0)
     r = FR3ERollout(HFRollout(max_new_tokens=6), base_samples=2, anchors=2)
     batch = r.generate(model, tok, env.prompts(0, 2), 3)
@@ -79,6 +78,6 @@ def test_fr3e_needs_single_turn_hf_rollouts():
     from runner.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="^rollout.strategy"):
-        validate({"env": {"name": "wordle"}, "rollout": {"strategy": "fr3e"}})
+        validate({"env": {"_target_": "envs.wordle.WordleEnv", "name": "wordle"}, "rollout": {"strategy": "fr3e"}})
     with pytest.raises(ConfigError, match="^rollout.fr3e.percentile"):
         validate({"rollout": {"strategy": "fr3e", "fr3e": {"percentile": 120}}})
