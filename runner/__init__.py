@@ -1,11 +1,7 @@
-"""runner: a declarative experiment runner for RL post-training of language models."""
+"""runner: a declarative experiment runner for RL post-training of language models.
 
-import os
-
-from runner import host
-
-# Before torch is imported anywhere: OpenMP wait policy, allocator (runner/host.py).
-host.configure()
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+Importing the package changes nothing in the process: the host settings (OpenMP wait policy,
+allocator; runner/host.py) are applied by the command-line entry points, before torch loads.
+"""
 
 __version__ = "0.1.0"

@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from runner import host
 
-import runner  # noqa: F401  (sets thread environment before torch is imported)
-from runner.budget import CostMeter
-from runner.config import ConfigError, validate
-from runner.plugins import register_entry_points
+host.configure()  # OpenMP wait policy and allocator, before anything imports torch
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from runner.budget import CostMeter  # noqa: E402
+from runner.config import ConfigError, validate  # noqa: E402
+from runner.plugins import register_entry_points  # noqa: E402
 
 log = logging.getLogger("runner")
 # installed packages' environments (entry points `runner.envs`) become env=<name>

@@ -216,6 +216,7 @@ SIDES = {
 def child(a) -> None:
     from runner import host
 
+    host.configure()  # before torch loads, as `python -m runner` does
     res = SIDES[a.side](a)
     res["omp_wait_policy"] = f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})"
     print("BENCH_JSON " + json.dumps(res))

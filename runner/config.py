@@ -312,22 +312,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         rest = [a for a in args if a is not type(None)]
-        if len(rest) > 1:  # a union: the first type that takes the value
-            for a in rest:
-                try:
-                    return _coerce(key, value, a)
-                except ConfigError:
-                    pass
-            raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in rest)} or null")
+        if len(rest) > 1:
+            return _first_type(key, value, rest, " or null")
         tp = rest[0]
         origin, args = get_origin(tp), get_args(tp)
     elif origin in (Union, types.UnionType):
-        for a in args:
-            try:
-                return _coerce(key, value, a)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        return _first_type(key, value, list(args), "")
     bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}{' or null' if optional else ''}")
     if tp is bool:
         if isinstance(value, bool):
@@ -358,6 +348,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise bad
     return value
+
+
+def _first_type(key: str, value: Any, options: list, suffix: str) -> Any:
+    """A union: the value as the first of its types that takes it."""
+    for a in options:
+        try:
+            return _coerce(key, value, a)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in options)}{suffix}")
 
 
 def _build(cls: type, node: Any, prefix: str) -> Any:

@@ -67,6 +67,11 @@ def user_set() -> bool:
 
 
 def configure() -> dict[str, str]:
+    """Once per process, by an entry point (python -m runner, runner.launch, runner.bench),
+    before torch is imported."""
+    if "malloc" in POLICY:
+        return POLICY
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     choose()
     POLICY["malloc"] = keep_freed_memory()
     return POLICY

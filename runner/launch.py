@@ -136,6 +136,6 @@ def worker(job_file: Path) -> int:
 
 
 if __name__ == "__main__":
-    import runner  # noqa: F401  (thread environment before torch)
+    host.configure()  # before torch loads
 
     sys.exit(worker(Path(sys.argv[1])))

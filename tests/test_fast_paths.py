@@ -419,7 +419,7 @@ def test_skipping_zero_advantages_and_length_buckets_give_the_same_update(tmp_pa
                 torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
     assert m_ref["train/skipped_seq_frac"] == 0.0
     assert others[0].update(batch, adv, [None] * 9)["train/skipped_seq_frac"] == pytest.approx(5 / 9)  # four rows carry signal
-    assert others[0].skips_zero_advantage() and others[1].buckets_by_length(batch)
+    assert others[0].learner.skips_zero_advantage() and others[1].learner.buckets_by_length(batch)
 
 
 def test_length_buckets_cut_where_padding_costs_most():

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+import runner.loop.learner as learner_mod
 import runner.train as train_mod
 from conftest import CONF, run_cli
 from envs import DiceEnv
@@ -155,7 +156,7 @@ def test_a_raising_reward_fails_fast_when_asked(tmp_path, monkeypatch):
 
 
 def nan_on(steps):
-    real = train_mod.policy_loss
+    real = learner_mod.policy_loss
 
     def patched(*a, **k):
         loss, stats = real(*a, **k)
@@ -175,7 +176,7 @@ def test_nan_loss_skips_the_update_and_stops_after_a_streak(tmp_path, monkeypatc
     monkeypatch.setattr(train_mod.Trainer, "update", update)
     patched = nan_on({2})
     patched.trainer_step = lambda: holder["t"].step
-    monkeypatch.setattr(train_mod, "policy_loss", patched)
+    monkeypatch.setattr(learner_mod, "policy_loss", patched)
     t = train_mod.run(in_process(tmp_path, "train.steps=3"), tmp_path / "out", "{}")
     c = client(tmp_path)
     assert c.get_run(t.tracker.run_id).info.status == "FINISHED"
@@ -183,7 +184,7 @@ def test_nan_loss_skips_the_update_and_stops_after_a_streak(tmp_path, monkeypatc
 
     patched = nan_on(set(range(2, 100)))
     patched.trainer_step = lambda: holder["t"].step
-    monkeypatch.setattr(train_mod, "policy_loss", patched)
+    monkeypatch.setattr(learner_mod, "policy_loss", patched)
     d = tmp_path / "streak"
     with pytest.raises(train_mod.NonFiniteError, match="2 updates in a row"):
         train_mod.run(in_process(d.parent, "train.steps=10", "train.max_nonfinite_steps=2",

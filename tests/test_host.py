@@ -1,4 +1,4 @@
-"""Process settings made at `import runner` (runner/host.py), checked in fresh processes:
+"""Process settings made by the entry points (runner/host.py), checked in fresh processes:
 the OpenMP wait policy must be chosen before torch loads, and the allocator setting must
 really stop freed memory from coming back as page faults."""
 
@@ -13,8 +13,10 @@ import pytest
 from conftest import ROOT
 
 PROBE = """
-import json, resource, runner, torch
+import json, resource
 from runner import host
+host.configure()  # what python -m runner does first
+import torch
 torch.set_num_threads(1)
 def faults():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -34,6 +36,15 @@ def probe(**env_changes) -> dict:
     p = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_changes_nothing():
+    code = ("import os, json, runner, runner.train; from runner import host; "
+            "print(json.dumps([host.POLICY, os.environ.get('OMP_WAIT_POLICY')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [{}, None]
 
 
 def test_the_users_wait_policy_wins():

@@ -218,6 +218,9 @@ def test_an_installed_packages_env_is_found_by_entry_point(tmp_path):
                 key = completion.split("<")[0].strip()
                 ok = key in self.valid_answers
                 return Score(reward=float(ok), answer_key=key if ok else "invalid", exact_format=ok)
+
+            def metrics(self, scores, prefix):  # its own metrics, without touching the loop
+                return {f"{prefix}/heads": sum(s.answer_key == "1" for s in scores) / len(scores)}
     '''))
     dist = site / "coinflip-0.1.dist-info"
     dist.mkdir()
@@ -236,3 +239,22 @@ def test_an_installed_packages_env_is_found_by_entry_point(tmp_path):
 
     run, m = only_run(tmp_path)
     assert run.data.params["env._target_"] == "coinflip.CoinEnv" and "answers/valid_rate" in m
+    assert 0.0 <= m["env/heads"] <= 1.0 and 0.0 <= m["eval/env/heads"] <= 1.0
+
+
+def test_annotations_beyond_the_schemas_types_are_checked(tmp_path, monkeypatch):
+    (tmp_path / "typed_env.py").write_text(textwrap.dedent('''
+        from typing import Literal, Optional, Union
+
+        def make(mode: Literal["fast", "slow"] = "fast", sizes: list[int] = (1,), limit: Optional[Union[int, str]] = None,
+                 table: dict[str, float] = None, name: str = "typed"):
+            return None
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    t = {"_target_": "typed_env.make"}
+    assert error({"env": {**t, "mode": "medium"}}) == "env.mode='medium': must be one of fast, slow"
+    assert error({"env": {**t, "sizes": [1, "two"]}}) == "env.sizes[1]='two': expected an integer"
+    assert error({"env": {**t, "limit": [3]}}) == "env.limit=[3]: expected an integer or a string or null"
+    assert error({"env": {**t, "table": [1.0]}}) == "env.table=[1.0]: expected a group of keys"
+    s = validate({"env": {**t, "sizes": [2, 3], "limit": "all"}}).env
+    assert (s.name, s.mode, s.sizes, s.limit) == ("typed", "fast", [2, 3], "all")

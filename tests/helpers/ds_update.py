@@ -23,7 +23,7 @@ out, stage, placement = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 gas = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 cfg = validate({
     "model": {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"},
-    "env": {"name": "dice"},
+    "env": {"_target_": "envs.dice.DiceEnv", "name": "dice"},
     "shaper": {"name": "divisor"},
     "algo": {"lr": 1e-2, "group_size": 6, "entropy": {"coef": 0.01}},
     "rollout": {"max_new_tokens": 6, "dtype": "float32"},

@@ -1,0 +1,67 @@
+"""What a finished run leaves for people: the answer-distribution plot, a table of the last
+evaluation's samples, and the summary printed at the end."""
+
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+from typing import Any, Optional
+
+
+def log_artifacts(tracker, output_dir: Path, cfg, env, history, last_eval: Optional[dict[str, Any]]) -> None:
+    from runner.plots import distribution_over_steps
+
+    art = output_dir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    if history.train:
+        keys = list(history.train[-1][1].keys())
+        plot = distribution_over_steps(history.train, history.eval, keys, env.valid_answers or keys,
+                                       art / "answer_distribution.png", f"{cfg.env.name} / {cfg.shaper.name}")
+        tracker.log_artifact(plot)
+    if (output_dir / "reward_errors.jsonl").exists():
+        tracker.log_artifact(output_dir / "reward_errors.jsonl")
+    if last_eval:
+        rows = ["| # | completion | answer | reward |", "|---|---|---|---|"]
+        for i, (c, s) in enumerate(zip(last_eval["completions"], last_eval["scores"])):
+            if i >= cfg.train.sample_table_rows:
+                break
+            text = (last_eval["prompt"].assistant_prefix + c).replace("|", "\\|").replace("\n", "\\n")
+            rows.append(f"| {i} | `{text}` | {s.answer_key} | {s.reward:g} |")
+        (art / "samples.md").write_text("\n".join(rows) + "\n")
+        tracker.log_artifact(art / "samples.md")
+
+
+def summary(trainer) -> str:
+    """The final policy: answer fractions and exact first-token probabilities where answers
+    are finite, else the held-out evaluation's metrics; then where the run is logged."""
+    from rich.table import Table
+
+    cfg, env = trainer.cfg, trainer.env
+    ev = trainer.evaluator.last or {"dist": {}, "probs": {}}
+    valid = env.valid_answers or []
+    t = Table(title=f"final policy after {trainer.step} steps: {cfg.env.name}, shaper={cfg.shaper.name}")
+    if not env.answer_space:  # held-out evaluation (math, Wordle, datasets): its metrics
+        t.add_column("held-out evaluation")
+        t.add_column("value", justify="right")
+        for k, v in sorted(trainer.final_metrics.items()):
+            if k.startswith("eval/") and k != "eval/reward_errors":
+                t.add_row(k[5:], f"{v:.3f}")
+    else:
+        t.add_column("answer")
+        t.add_column(f"sampled (n={cfg.train.eval_samples}, T=1)", justify="right")
+        t.add_column("P(first token)", justify="right")
+        t.add_column("ideal", justify="right")
+        for k, v in ev["dist"].items():
+            ideal = 1 / len(valid) if k in valid else 0.0
+            p = ev["probs"].get(k)
+            t.add_row(k, f"{v:.3f}", "" if p is None else f"{p:.3f}", f"{ideal:.3f}")
+    from rich.console import Console
+
+    buf = StringIO()
+    console = Console(file=buf, width=100)
+    console.print(t)
+    console.print(f"MLflow: {trainer.tracker.run_url()}  (`make ui` to browse)")
+    m = trainer.meter
+    console.print(f"output: {trainer.output_dir}   wall {m.wall_seconds:.0f} s, "
+                  f"{m.device_hours:.4f} device-h, ${m.usd:.4f}")
+    return buf.getvalue()
