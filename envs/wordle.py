@@ -3,7 +3,7 @@
 Each turn the model writes a 5-letter guess in `<guess></guess>`; the environment answers
 with per-letter feedback in text the model can read and the game so far, for up to
 `max_turns` turns. A rollout is a whole game; the loss covers only the model's tokens
-(runner/multiturn.py masks the environment's).
+(runner/rollout/multiturn.py masks the environment's).
 
 Words: the Wordle answer list that reasoning-gym ships (`reasoning_gym.data.wordle_words`),
 used both as secrets (split into train and held-out eval by a seeded shuffle) and as the
@@ -197,7 +197,7 @@ class WordleEnv:
     def game_metrics(self, games: list[Game], prefix: str) -> dict[str, float]:
         from collections import Counter
 
-        from runner.metrics import entropy
+        from runner.track.metrics import entropy
 
         n = max(len(games), 1)
         solved = [g for g in games if g.solved]

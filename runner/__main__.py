@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     tags = {"recipe": recipe} if recipe and recipe != "null" else {}
     if hc.mode == RunMode.MULTIRUN:
         from runner.budget import SweepLedger
-        from runner.sweep import parent_of
+        from runner.track.sweep import parent_of
 
         job = str(hc.job.num)
         parent = parent_of(hc.sweep.dir)
@@ -100,14 +100,14 @@ def check_installed(run_cfg) -> None:
         raise ConfigError("trainer=deepspeed: the deepspeed package is not installed; "
                           "pip install '.[deepspeed]' (or use trainer=torch)")
     if run_cfg.rollout.name == "vllm":
-        from runner.rollout_vllm import check_available
+        from runner.rollout.vllm import check_available
 
         check_available(run_cfg)
 
 
 def skip(run_cfg, parent_id: Optional[str], tags: dict, why: str) -> None:
     """A sweep job refused by the shared budget: recorded as a child run, nothing loaded."""
-    from runner.tracking import Tracker
+    from runner.track.store import Tracker
 
     print(f"skipped by the sweep budget: {why}", file=sys.stderr)
     t = Tracker(run_cfg.tracking.uri, run_cfg.tracking.experiment)

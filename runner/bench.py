@@ -61,7 +61,7 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
 
     cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout)
     if rollout == "vllm":
-        from runner.rollout_vllm import check_available
+        from runner.rollout.vllm import check_available
 
         check_available(cfg)  # a one-line reason (no GPU, no vllm) before anything loads
     t = Trainer(cfg, Path(tempfile.mkdtemp()))
@@ -78,7 +78,7 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
         })
     for s in steps:
         s["score+other"] = s["step"] - s["generate"] - s["forward"] - s["backward"] - s["optimizer"]
-    from runner.rollout import render
+    from runner.rollout.hf import render
 
     n_params = sum(p.numel() for p in t.model.parameters())
     prompt_len = len(t.tok(render(t.tok, t.env.prompts(0, 1)[0]), add_special_tokens=False)["input_ids"])
@@ -94,7 +94,7 @@ def run_trl(a, bf16: bool = False) -> dict:
 
     from runner.models import load_policy
     from runner.plugins import build_env
-    from runner.rollout import render
+    from runner.rollout.hf import render
 
     cfg = _config(a)
     if a.threads:

@@ -357,7 +357,8 @@ def _first_type(key: str, value: Any, options: list, suffix: str) -> Any:
             return _coerce(key, value, a)
         except ConfigError:
             pass
-    raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in options)}{suffix}")
+    names = sorted(_type_name(a) for a in options)  # typing may reorder a union's members
+    raise ConfigError(f"{key}={value!r}: expected {' or '.join(names)}{suffix}")
 
 
 def _build(cls: type, node: Any, prefix: str) -> Any:

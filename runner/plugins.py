@@ -15,7 +15,7 @@ Installed packages can offer environments under the entry-point group `runner.en
 (`name = "pkg.module:EnvClass"`); `env=name` then finds them with no YAML at all.
 
 Shapers and clusterers are functions named the same way (`shaper._target_`,
-`shaper.cluster`); the built-in ones are in runner.shapers and runner.clustering.
+`shaper.cluster`); the built-in ones are in runner.algo.shapers and runner.algo.clustering.
 """
 
 from __future__ import annotations
@@ -215,13 +215,13 @@ def _plain(value: Any) -> Any:
 def shaper_function(target: Optional[str], name: str) -> Callable:
     """The shaper `(rewards, keys, groups) -> shaped`: `shaper._target_` where set, else the
     built-in of that name."""
-    return import_object(target or f"runner.shapers.{name}", "shaper._target_" if target else "shaper.name")
+    return import_object(target or f"runner.algo.shapers.{name}", "shaper._target_" if target else "shaper.name")
 
 
 def clusterer_function(kind: str) -> Callable:
     """The clusterer `(keys, completions, groups, threshold) -> cluster keys`: a built-in by
     name (exact, normalized, embedding) or a function by import path."""
-    from runner import clustering
+    from runner.algo import clustering
 
     if kind in clustering.CLUSTERERS:
         return getattr(clustering, f"cluster_{kind}")

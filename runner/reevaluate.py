@@ -40,7 +40,7 @@ def reevaluate(output_dir: Path, samples: int, seed: int) -> dict:
     from omegaconf import OmegaConf
 
     from runner.config import validate
-    from runner.phase import Outcome
+    from runner.track.phase import Outcome
     from runner.train import Trainer
 
     output_dir = output_dir.resolve()

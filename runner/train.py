@@ -31,8 +31,8 @@ from runner.loop.outputs import log_artifacts, summary
 from runner.loop.step_metrics import record, step_metrics
 from runner.models import load_policy
 from runner.plugins import build_env
-from runner.rollout import RolloutBatch, make_rollout
-from runner.tracking import Tracker
+from runner.rollout.hf import RolloutBatch, make_rollout
+from runner.track.store import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,12 @@ class Trainer:
         self.env = build_env(cfg.env, cfg.seed)
         self.rollout = make_rollout(cfg.rollout) if cfg.rollout.name == "hf" else None  # vllm: in setup
         if hasattr(self.env, "new_game"):  # multi-turn: the environment answers between turns
-            from runner.multiturn import MultiTurnRollout
+            from runner.rollout.multiturn import MultiTurnRollout
 
             self.rollout = MultiTurnRollout(self.env, self.rollout)
         self.eval_rollout = self.rollout  # evaluation samples independently, whatever trains
         if cfg.rollout.strategy == "fr3e":
-            from runner.fr3e import FR3ERollout
+            from runner.rollout.fr3e import FR3ERollout
 
             f = cfg.rollout.fr3e
             self.rollout = FR3ERollout(self.rollout, f.base_samples, f.anchors, f.percentile, f.merge_adjacent)
@@ -182,7 +182,7 @@ class Trainer:
     def start_vllm(self) -> None:
         """A vLLM engine colocated on this rank's GPU, started from the current (maybe
         resumed) policy's weights, written once as plain Hugging Face files."""
-        from runner.rollout_vllm import VLLMRollout
+        from runner.rollout.vllm import VLLMRollout
 
         weights = self.output_dir / "launch" / f"vllm_start_rank{self.backend.rank}"
         with self.backend.gathered(self.model):

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, kl_estimate, overlong_penalty,
+from runner.algo.loss import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, kl_estimate, overlong_penalty,
                                policy_loss, top_entropy_mask)
 from runner.config import ConfigError, validate
 

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CONF
 from envs import Prompt
 from runner.config import validate
-from runner.rollout import HFRollout, concat, select, span_token_mask
+from runner.rollout.hf import HFRollout, concat, select, span_token_mask
 from runner.train import run
 
 FAST = ["model=tiny", "train.steps=2", "train.eval_every=0", "train.eval_samples=4", "train.prompts_per_step=2",

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from runner.algorithms import ADV_EPS, BatchNorm, LossConfig, advantages, aggregate, policy_loss, token_logprobs
+from runner.algo.loss import ADV_EPS, BatchNorm, LossConfig, advantages, aggregate, policy_loss, token_logprobs
 
 
 def test_group_advantages_by_hand():
@@ -140,7 +140,7 @@ def test_loss_temperature_divides_the_logits():
 
 
 def test_lr_schedules_follow_the_hugging_face_formulas():
-    from runner.algorithms import lr_factor
+    from runner.algo.loss import lr_factor
 
     assert [lr_factor("constant", s, 4) for s in (1, 4)] == [1.0, 1.0]
     assert [lr_factor("linear", s, 4) for s in (1, 2, 3, 4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])

@@ -148,7 +148,7 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path, launcher):
     assert r.returncode == 0, r.stderr[-3000:]
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = c.search_runs([c.get_experiment_by_name("runner").experiment_id])
-    parents = [x for x in runs if x.data.tags.get("runner.sweep") == "parent"]
+    parents = [x for x in runs if x.data.tags.get("runner.track.sweep") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(k.data.tags["job_num"] for k in kids) == ["0", "1"]

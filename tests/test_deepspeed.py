@@ -167,7 +167,7 @@ def test_vllm_without_a_gpu_fails_first_and_clearly(tmp_path):
 
 
 def test_vllm_weight_names_and_sync_schedule():
-    from runner.rollout_vllm import SyncSchedule, weight_items
+    from runner.rollout.vllm import SyncSchedule, weight_items
 
     w = torch.zeros(2)
     named = [("module.model.embed_tokens.weight", w), ("model.norm.weight", w), ("lm_head.weight", w)]

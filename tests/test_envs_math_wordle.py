@@ -7,8 +7,8 @@ from conftest import only_run, run_cli
 from envs.base import INVALID, Prompt
 from envs.math_problems import MathEnv, equivalent, extract_answer, normalise
 from envs.wordle import GRAY, GREEN, YELLOW, WordleEnv, consistent, feedback
-from runner.clustering import cluster_keys, clusters_per_group
-from runner.metrics import pass_at_k
+from runner.algo.clustering import cluster_keys, clusters_per_group
+from runner.track.metrics import pass_at_k
 
 
 # -- Wordle ---------------------------------------------------------------------------------
@@ -69,8 +69,8 @@ def test_wordle_train_and_eval_secrets_are_disjoint():
 
 
 def test_multiturn_rollout_masks_environment_tokens(tiny):
-    from runner.multiturn import MultiTurnRollout
-    from runner.rollout import HFRollout
+    from runner.rollout.multiturn import MultiTurnRollout
+    from runner.rollout.hf import HFRollout
 
     model, tok = tiny
     env = _env()
@@ -151,7 +151,7 @@ def test_embedding_clusters_paraphrases_together():
 
 
 def test_divisor_shaper_counts_equivalent_math_answers_as_one():
-    from runner.shapers import shape
+    from runner.algo.shapers import shape
 
     keys = cluster_keys("normalized", ["0.5", "1/2", "3"], ["", "", ""], [0, 0, 0])
     assert shape("divisor", [1.0, 1.0, 0.0], keys, [0, 0, 0]) == [0.5, 0.5, 0.0]
@@ -177,9 +177,9 @@ def test_environment_runs_on_the_tiny_model(tmp_path, env_args):
 def test_multiturn_forward_matches_the_full_forward_on_model_tokens(tiny):
     import dataclasses
 
-    from runner.forward import sequence_logprobs
-    from runner.multiturn import MultiTurnRollout
-    from runner.rollout import HFRollout
+    from runner.algo.forward import sequence_logprobs
+    from runner.rollout.multiturn import MultiTurnRollout
+    from runner.rollout.hf import HFRollout
 
     model, tok = tiny
     env = _env()

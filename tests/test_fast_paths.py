@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from envs import Prompt
-from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss
-from runner.forward import sequence_logprobs
-from runner.packed_linears import packed_linears
-from runner.packed_linears import supported as packed_supported
-from runner.rollout import HFRollout, concat, sample_next, select
+from runner.algo.loss import BatchNorm, LossConfig, advantages, policy_loss
+from runner.algo.forward import sequence_logprobs
+from runner.rollout.packed_linears import packed_linears
+from runner.rollout.packed_linears import supported as packed_supported
+from runner.rollout.hf import HFRollout, concat, sample_next, select
 
 PROMPTS = [Prompt((("user", "roll a dice."),), "<answer>"),
            Prompt((("user", "roll a dice, a fair one, please. output it in tags."),), "<answer>")]
@@ -24,7 +24,7 @@ def batch(tiny, engine="loop", seed=0, n=8, group=3):
 def shared_path(request, monkeypatch):
     """The shared-prefix forward's two forms: one embedding lookup and one LM-head product
     (plain heads), or two whole-model calls (heads whose logits the model post-processes)."""
-    import runner.forward as forward
+    import runner.algo.forward as forward
 
     if request.param == "two_calls":
         monkeypatch.setattr(forward, "_head_is_plain", lambda model: False)
@@ -45,8 +45,8 @@ def test_shared_prefix_forward_equals_full_forward(tiny, shared_path):
 
 
 def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
-    from runner.algorithms import token_logprobs
-    from runner.rollout import position_ids
+    from runner.algo.loss import token_logprobs
+    from runner.rollout.hf import position_ids
 
     model, _ = tiny
     b = batch(tiny)
@@ -89,7 +89,7 @@ def test_shared_prefix_gradients_equal_full_ones(tiny, shared_path):
 
 
 def test_logit_postprocessing_models_keep_their_own_forward(tiny, monkeypatch):
-    from runner.forward import _head_is_plain
+    from runner.algo.forward import _head_is_plain
 
     model, _ = tiny
     assert _head_is_plain(model)
@@ -123,7 +123,7 @@ def assert_sampler_logprobs_match_training(model, b):
 def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, monkeypatch):
     """Rows that stop early are dropped from the KV cache; the rows still decoding must keep
     exactly the probabilities the policy gives their tokens (a wrong cache row would not)."""
-    import runner.rollout as rollout
+    import runner.rollout.hf as rollout
 
     model, tok = tiny
     eos = rollout.eos_token_ids(model, tok)[0]
@@ -353,7 +353,7 @@ def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
     seed; the modules are plain again afterwards (the next update changes the weights)."""
     import contextlib
 
-    import runner.rollout as rollout_mod
+    import runner.rollout.hf as rollout_mod
     from runner.backend import low_precision_copy
 
     model, tok = tiny
@@ -423,7 +423,7 @@ def test_skipping_zero_advantages_and_length_buckets_give_the_same_update(tmp_pa
 
 
 def test_length_buckets_cut_where_padding_costs_most():
-    from runner.forward import length_buckets
+    from runner.algo.forward import length_buckets
 
     ext = [5] * 47 + [16]
     assert sorted(map(len, length_buckets(list(range(48)), ext, overhead=54))) == [1, 47]

@@ -18,7 +18,7 @@ import runner.train as train_mod
 from conftest import CONF, run_cli
 from envs import DiceEnv
 from runner.config import validate
-from runner.tracking import sync
+from runner.track.store import sync
 
 FAST = ["model=tiny", "train.eval_every=0", "train.eval_samples=4", "rollout.max_new_tokens=5", "algo.group_size=3",
         "train.prompts_per_step=2", "shaper=bonus", "algo.entropy.coef=0.1"]

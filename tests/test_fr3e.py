@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import only_run, run_cli
-from runner.fr3e import FR3ERollout, select_anchors
-from runner.rollout import HFRollout, render
+from runner.rollout.fr3e import FR3ERollout, select_anchors
+from runner.rollout.hf import HFRollout, render
 
 ENT = [0.1, 2.0, 1.9, 0.2, 3.0, 0.1, 0.3, 0.2]
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from runner.metrics import answer_distribution, entropy, tv_to_uniform
+from runner.track.metrics import answer_distribution, entropy, tv_to_uniform
 
 SPACE = [str(i) for i in range(1, 7)]
 

@@ -7,7 +7,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF, run_cli
-from runner.phase import phase
+from runner.track.phase import phase
 
 
 def fake(c, exp, parent, g, shaper, seed, final):

@@ -155,8 +155,8 @@ def test_a_users_shaper_and_clusterer_by_import_path(tmp_path, monkeypatch):
             return ["even" if k.isdigit() and int(k) % 2 == 0 else "odd" for k in keys]
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
-    from runner.clustering import cluster_keys
-    from runner.shapers import shape
+    from runner.algo.clustering import cluster_keys
+    from runner.algo.shapers import shape
 
     cfg = validate({"env": DICE, "shaper": {"name": "squash", "_target_": "my_shaping.squash",
                                            "cluster": "my_shaping.by_parity"}})
@@ -254,7 +254,7 @@ def test_annotations_beyond_the_schemas_types_are_checked(tmp_path, monkeypatch)
     t = {"_target_": "typed_env.make"}
     assert error({"env": {**t, "mode": "medium"}}) == "env.mode='medium': must be one of fast, slow"
     assert error({"env": {**t, "sizes": [1, "two"]}}) == "env.sizes[1]='two': expected an integer"
-    assert error({"env": {**t, "limit": [3]}}) == "env.limit=[3]: expected an integer or a string or null"
+    assert error({"env": {**t, "limit": [3]}}) == "env.limit=[3]: expected a string or an integer or null"
     assert error({"env": {**t, "table": [1.0]}}) == "env.table=[1.0]: expected a group of keys"
     s = validate({"env": {**t, "sizes": [2, 3], "limit": "all"}}).env
     assert (s.name, s.mode, s.sizes, s.limit) == ("typed", "fast", [2, 3], "all")

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONF
 from runner.config import validate
-from runner.report import ANSWERS, report
+from runner.track.report import ANSWERS, report
 from runner.train import run
 
 DICE_RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml") if "usd" not in p.stem)
@@ -32,7 +32,7 @@ def store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     c = MlflowClient(uri)
     exp = c.create_experiment("runner")
-    parent = c.create_run(exp, tags={"runner.sweep": "parent"}).info.run_id
+    parent = c.create_run(exp, tags={"runner.track.sweep": "parent"}).info.run_id
     return uri, c, exp, parent
 
 
@@ -109,7 +109,7 @@ def test_rules_never_pass_vacuously(tmp_path):
 
 
 def test_leader_switches_need_a_smoothed_margin():
-    from runner.report import leader_switches
+    from runner.track.report import leader_switches
 
     def curve(tops):
         return [(i, {a: float(a == t) for a in ("2", "4", "6")}) for i, t in enumerate(tops)]

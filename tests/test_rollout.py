@@ -1,9 +1,9 @@
 import torch
 
 from envs import Prompt
-from runner.algorithms import BatchNorm, LossConfig, advantages, policy_loss
-from runner.rollout import HFRollout, completion_mask, render
-from runner.forward import sequence_logprobs
+from runner.algo.loss import BatchNorm, LossConfig, advantages, policy_loss
+from runner.rollout.hf import HFRollout, completion_mask, render
+from runner.algo.forward import sequence_logprobs
 
 
 def test_completion_mask_stops_after_first_eos():

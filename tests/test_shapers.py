@@ -1,6 +1,6 @@
 import pytest
 
-from runner.shapers import cluster_sizes, shape
+from runner.algo.shapers import cluster_sizes, shape
 
 
 def even_rewards(keys):
@@ -59,7 +59,7 @@ def test_unknown_shaper_names_the_key():
 def _group_adv(rewards, scale="group"):
     import torch
 
-    from runner.algorithms import advantages
+    from runner.algo.loss import advantages
 
     return advantages(torch.tensor(rewards), torch.zeros(len(rewards), dtype=torch.long), scale).tolist()
 
@@ -87,7 +87,7 @@ def test_divisor_acts_once_a_group_holds_two_rewarded_answers():
 
 
 def test_group_mechanics_on_hand_made_groups():
-    from runner.metrics import group_mechanics
+    from runner.track.metrics import group_mechanics
 
     def adv(r):
         return _group_adv(r)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from envs import INVALID, Score
-from runner.algorithms import overlong_penalty
-from runner.clustering import cluster_keys, clusters_per_group
-from runner.rollout import RolloutBatch, concat, select
-from runner.shapers import shape
+from runner.algo.loss import overlong_penalty
+from runner.algo.clustering import cluster_keys, clusters_per_group
+from runner.rollout.hf import RolloutBatch, concat, select
+from runner.algo.shapers import shape
 
 log = logging.getLogger("runner.train")
 

@@ -10,8 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from envs import INVALID
-from runner.metrics import answer_distribution, entropy, pass_at_k, tv_to_uniform
-from runner.rollout import render
+from runner.track.metrics import answer_distribution, entropy, pass_at_k, tv_to_uniform
+from runner.rollout.hf import render
 
 
 def _mean(xs: list) -> float:

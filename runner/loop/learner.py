@@ -10,10 +10,10 @@ from typing import Callable, Optional
 
 import torch
 
-from runner.algorithms import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, lr_factor, policy_loss,
+from runner.algo.loss import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, lr_factor, policy_loss,
                                top_entropy_mask)
-from runner.forward import length_buckets, sequence_logprobs
-from runner.rollout import RolloutBatch, completion_extents, select, span_token_mask, trim_completions
+from runner.algo.forward import length_buckets, sequence_logprobs
+from runner.rollout.hf import RolloutBatch, completion_extents, select, span_token_mask, trim_completions
 
 log = logging.getLogger("runner.train")
 
@@ -24,7 +24,7 @@ class NonFiniteError(RuntimeError):
 
 class Learner:
     """Turns a step's shaped rewards into one optimizer step (`algo.num_iterations` of
-    them): advantages per whole group, the one policy loss of runner.algorithms with the
+    them): advantages per whole group, the one policy loss of runner.algo.loss with the
     preset's switches, gradients summed over micro-batches normalised by whole-batch counts
     (all ranks), so they add up to the full batch's. Never lets a non-finite loss or
     gradient reach the weights."""
@@ -58,7 +58,7 @@ class Learner:
                 and a.kl.coef == 0 and a.top_entropy_quantile >= 1.0)
 
     def buckets_by_length(self, batch: RolloutBatch) -> bool:
-        """Training passes cut by completion length (runner/forward.length_buckets): plain torch
+        """Training passes cut by completion length (runner/algo/forward.length_buckets): plain torch
         only (DeepSpeed counts its micro-batches), single-turn, and no term computed per pass
         over the whole batch (top-entropy quantile, the adaptive entropy coefficient)."""
         a = self.cfg.algo

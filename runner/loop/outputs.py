@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 
 def log_artifacts(tracker, output_dir: Path, cfg, env, history, last_eval: Optional[dict[str, Any]]) -> None:
-    from runner.plots import distribution_over_steps
+    from runner.track.plots import distribution_over_steps
 
     art = output_dir / "artifacts"
     art.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from envs import INVALID
-from runner.algorithms import advantages
+from runner.algo.loss import advantages
 from runner.loop.collector import Collected
-from runner.metrics import group_mechanics
+from runner.track.metrics import group_mechanics
 
 
 def _mean(xs: list) -> float:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from runner.config import validate
-from runner.rollout import select
-from runner.shapers import shape
-from runner.algorithms import advantages
+from runner.rollout.hf import select
+from runner.algo.shapers import shape
+from runner.algo.loss import advantages
 from runner.train import Trainer
 
 out, stage, placement = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

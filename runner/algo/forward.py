@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from runner.algorithms import token_logprobs
-from runner.rollout import RolloutBatch, position_ids
+from runner.algo.loss import token_logprobs
+from runner.rollout.hf import RolloutBatch, position_ids
 
 
 def sequence_logprobs(model, batch: RolloutBatch, shared_prefix: bool = False,

@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 from envs.base import Prompt
-from runner.forward import sequence_logprobs
-from runner.rollout import HFRollout, RolloutBatch, completion_mask, eos_token_ids, render
+from runner.algo.forward import sequence_logprobs
+from runner.rollout.hf import HFRollout, RolloutBatch, completion_mask, eos_token_ids, render
 
 
 def select_anchors(entropy: Sequence[float], k: Optional[int] = 3, percentile: Optional[float] = None,

@@ -1,8 +1,8 @@
 """The divisor's phase diagram: how often a policy ends spread over the valid answers, per
 group size x shaper, from a sweep's finished runs (sweeps/phase_diagram.yaml).
 
-    python -m runner.phase --parent RUN_ID [--uri URI] [--out DIR]
-    python -m runner.phase --experiment NAME [--uri URI]
+    python -m runner.track.phase --parent RUN_ID [--uri URI] [--out DIR]
+    python -m runner.track.phase --experiment NAME [--uri URI]
 
 A run is judged on its final evaluation (samples at temperature 1), by the rules stated in
 report.py before any number was seen: *spread* (each valid answer >= 0.20, at most 0.10 unrewarded)
@@ -106,7 +106,7 @@ def phase(uri: str, parent_run_id: Optional[str] = None, experiment: Optional[st
           out: Path = Path("phase")) -> tuple[str, dict]:
     from mlflow.tracking import MlflowClient
 
-    from runner.report import publish, study_runs
+    from runner.track.report import publish, study_runs
 
     client = MlflowClient(uri)
     exp_id, runs = study_runs(client, parent_run_id, experiment)
@@ -121,9 +121,9 @@ def phase(uri: str, parent_run_id: Optional[str] = None, experiment: Optional[st
 
 
 def main(argv=None) -> int:
-    from runner.report import study_cli
+    from runner.track.report import study_cli
 
-    return study_cli(argv, "python -m runner.phase", __doc__, "phase", phase)
+    return study_cli(argv, "python -m runner.track.phase", __doc__, "phase", phase)
 
 
 if __name__ == "__main__":

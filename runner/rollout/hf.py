@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from envs.base import Prompt
-from runner.packed_linears import packed_linears
+from runner.rollout.packed_linears import packed_linears
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RolloutBatch:
     # [B, C] log-probs of the sampled tokens under the untempered policy, from the
     # sampling loop itself (None from `generate`): a check on the training forward.
     sampler_logprobs: Optional[torch.Tensor] = None
-    # Multi-turn rollouts (runner/multiturn.py): the environment's episode state per row, and
+    # Multi-turn rollouts (runner/rollout/multiturn.py): the environment's episode state per row, and
     # [B, C] the model turn each completion token belongs to (-1: the environment's tokens).
     episodes: Optional[list] = None
     token_turn: Optional[torch.Tensor] = None
@@ -183,7 +183,7 @@ class HFRollout:
     engine "loop" (default): prefill each distinct prompt once, copy its KV cache to the G
     rollouts of its group, then a lean sampling loop (no logits processors, stops when all
     rows hit EOS; bf16 weights on CPU are packed for oneDNN while it runs:
-    runner/packed_linears.py). engine "generate": `model.generate`, the reference path.
+    runner/rollout/packed_linears.py). engine "generate": `model.generate`, the reference path.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,

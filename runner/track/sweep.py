@@ -35,7 +35,7 @@ def _tracking(config: DictConfig) -> tuple[Optional[str], str]:
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.tracking import Tracker
+        from runner.track.store import Tracker
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ class MlflowSweepCallback(Callback):
         overrides = " ".join(config.hydra.overrides.task)
         params = config.hydra.sweeper.get("params")
         params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else dict(params or {})
-        tracker.start(f"sweep {sweep_dir.name}", {"runner.sweep": "parent", "sweep_dir": str(sweep_dir.resolve()),
+        tracker.start(f"sweep {sweep_dir.name}", {"runner.track.sweep": "parent", "sweep_dir": str(sweep_dir.resolve()),
                                                   "overrides": overrides, "sweeper": str(config.hydra.sweeper._target_)})
         tracker.log_text(json.dumps(params, indent=2), "sweep_params.json")
         tracker.flush()
@@ -60,13 +60,13 @@ class MlflowSweepCallback(Callback):
             return
         objective = config.get("objective", "eval/answers/tv_uniform_valid")
         if config.get("report") == "dice_post":
-            from runner.report import report
+            from runner.track.report import report
 
             text, _ = report(parent["tracking_uri"], parent["run_id"], out=sweep_dir / "report")
             print(text)
             print(f"report and plots: {sweep_dir / 'report'} (and on the sweep's parent run)")
         if config.get("report") == "phase":
-            from runner.phase import phase
+            from runner.track.phase import phase
 
             text, _ = phase(parent["tracking_uri"], parent["run_id"], out=sweep_dir / "phase")
             print(text)
@@ -79,7 +79,7 @@ def summarise(uri: str, parent_run_id: str, objective: str, out_dir: Path) -> tu
     """Table and plot of the children of a sweep's parent run, logged to the parent."""
     from mlflow.tracking import MlflowClient
 
-    from runner.tracking import Tracker
+    from runner.track.store import Tracker
 
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)

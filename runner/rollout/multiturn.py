@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from envs.base import Prompt
-from runner.rollout import HFRollout, RolloutBatch, eos_token_ids, render
+from runner.rollout.hf import HFRollout, RolloutBatch, eos_token_ids, render
 
 MARK = "\u0394\u0394MARK\u0394\u0394"
 

@@ -5,7 +5,7 @@ status) is an operation appended to a spool file in the run's output directory a
 to MLflow in order when `flush` is called. If MLflow cannot be reached, operations stay
 in the spool and are retried at the next flush, at the end of the run, or later with
 
-    python -m runner.tracking sync OUTPUT_DIR [--uri URI]
+    python -m runner.track.store sync OUTPUT_DIR [--uri URI]
 
 Metrics are only sent up to the step of the last checkpoint (`flush(upto_step=...)`):
 after a crash, the resumed run recomputes the steps after that checkpoint, so the logged
@@ -104,7 +104,7 @@ class Tracker:
         ok = self.flush(upto_step=upto_step)
         if not ok and self.spool_path:
             print(f"MLflow at {self.uri} is unreachable: {len(self._ops)} records are kept in {self.spool_path}; "
-                  f"send them later with `python -m runner.tracking sync {self.spool_path.parent}`", file=sys.stderr)
+                  f"send them later with `python -m runner.track.store sync {self.spool_path.parent}`", file=sys.stderr)
         return ok
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -242,7 +242,7 @@ def sync(output_dir: Path, uri: Optional[str] = None) -> bool:
 def main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m runner.tracking")
+    p = argparse.ArgumentParser(prog="python -m runner.track.store")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sync", help="send a run's spooled tracking records")
     s.add_argument("output_dir", type=Path)

@@ -1,6 +1,6 @@
 """Why a shaper acts or starves, run against run: the plot behind README's divisor section.
 
-    python -m runner.mechanism --uri sqlite:///mlruns.db --runs NAME_OR_ID[,...] --out mechanism.png
+    python -m runner.track.mechanism --uri sqlite:///mlruns.db --runs NAME_OR_ID[,...] --out mechanism.png
 
 Four panels over training steps, one line per run: the sampling policy's smallest exact
 first-token probability among the rewarded answers (`policy/prob/min_rewarded`, with 1/G
@@ -68,13 +68,13 @@ def plot(uri: str, keys: list[str], out: Path, labels: list[str] | None = None) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runner.mechanism", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m runner.track.mechanism", description=__doc__.splitlines()[0])
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     p.add_argument("--runs", required=True, help="comma-separated run ids or run names")
     p.add_argument("--labels", default=None, help="semicolon-separated legend labels, one per run")
     p.add_argument("--out", type=Path, default=Path("mechanism.png"))
     a = p.parse_args(argv)
-    from runner.tracking import resolve_uri
+    from runner.track.store import resolve_uri
 
     labels = a.labels.split(";") if a.labels else None
     print(plot(resolve_uri(a.uri), a.runs.split(","), a.out, labels))

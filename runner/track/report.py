@@ -1,7 +1,7 @@
 """The dice-post reproduction report: one row per recipe, verdicts by stated rules, plots.
 
-    python -m runner.report --parent RUN_ID [--uri URI] [--out DIR]
-    python -m runner.report --experiment runner [--uri URI]
+    python -m runner.track.report --parent RUN_ID [--uri URI] [--out DIR]
+    python -m runner.track.report --experiment runner [--uri URI]
 
 Reads finished runs tagged with `recipe` (children of a sweep's parent run, or every run
 in an experiment), aggregates their final evaluation over seeds (mean and spread), applies
@@ -316,7 +316,7 @@ def study_runs(client, parent_run_id: Optional[str], experiment: Optional[str]) 
 def publish(client, uri: str, exp_id: str, parent_run_id: Optional[str], out: Path, name: str, text: str,
             plot) -> list[Path]:
     """Write `name` and the plots (`plot(out) -> paths`) to `out`, and log them to the parent run."""
-    from runner.tracking import Tracker
+    from runner.track.store import Tracker
 
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(text)
@@ -353,7 +353,7 @@ def study_cli(argv, prog: str, doc: str, default_out: str, fn) -> int:
     p.add_argument("--experiment", default="runner")
     p.add_argument("--out", type=Path, default=Path(default_out))
     a = p.parse_args(argv)
-    from runner.tracking import resolve_uri
+    from runner.track.store import resolve_uri
 
     text = fn(resolve_uri(a.uri), a.parent, a.experiment, a.out)[0]
     print(text)
@@ -361,7 +361,7 @@ def study_cli(argv, prog: str, doc: str, default_out: str, fn) -> int:
 
 
 def main(argv=None) -> int:
-    return study_cli(argv, "python -m runner.report", __doc__, "report", report)
+    return study_cli(argv, "python -m runner.track.report", __doc__, "report", report)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 from envs.base import Prompt
 from runner.config import ConfigError
-from runner.rollout import RolloutBatch, completion_mask, eos_token_ids, render
+from runner.rollout.hf import RolloutBatch, completion_mask, eos_token_ids, render
 
 
 def check_available(cfg) -> None:
