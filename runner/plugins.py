@@ -46,7 +46,8 @@ def import_object(path: Any, key: str) -> Any:
     try:
         return get_object(path.replace(":", "."))
     except Exception as e:  # ImportError, AttributeError, or the module's own error at import
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[-1] if lines else type(e).__name__  # Hydra's last line names the cause
         raise PluginError(f"{key}={path!r}: cannot be imported ({why})") from None
 
 
