@@ -22,9 +22,10 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from envs.base import INVALID, Prompt, Score, require
+from runner.plugins import import_object
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -60,12 +61,6 @@ def load_rows(path: str):
     return datasets.load_dataset(FORMATS[p.suffix.lower()], data_files=str(p), split="train")
 
 
-def _import(path: str) -> Callable:
-    from hydra.utils import get_object
-
-    return get_object(path.replace(":", "."))
-
-
 @dataclass
 class DatasetEnv:
     path: str  # a .jsonl/.json/.parquet/.csv file or a datasets.save_to_disk directory
@@ -95,28 +90,22 @@ class DatasetEnv:
                     f"must be a {', '.join(FORMATS)} file or a datasets.save_to_disk directory")
         require(len(cfg["reward_funcs"]) >= 1, "reward_funcs", cfg["reward_funcs"], "must name at least one function")
         for i, f in enumerate(cfg["reward_funcs"]):
-            try:
-                fn = _import(f)
-            except Exception as e:
-                raise ValueError(f"reward_funcs[{i}]={f!r}: cannot be imported ({str(e).splitlines()[0]})") from None
-            require(callable(fn), f"reward_funcs[{i}]", f, "is not a function")
+            require(callable(import_object(f, f"reward_funcs[{i}]")), f"reward_funcs[{i}]", f, "is not a function")
         w = cfg["reward_weights"]
         require(w is None or len(w) == len(cfg["reward_funcs"]), "reward_weights", w,
                 f"must have one weight per reward function ({len(cfg['reward_funcs'])})")
         if cfg["answer_key"] is not None:
-            try:
-                require(callable(_import(cfg["answer_key"])), "answer_key", cfg["answer_key"], "is not a function")
-            except ImportError as e:
-                raise ValueError(f"answer_key={cfg['answer_key']!r}: cannot be imported ({e})") from None
+            require(callable(import_object(cfg["answer_key"], "answer_key")), "answer_key", cfg["answer_key"],
+                    "is not a function")
         require(cfg["eval_size"] >= 1, "eval_size", cfg["eval_size"], "must be >= 1")
         require(cfg["eval_k"] >= 1, "eval_k", cfg["eval_k"], "must be >= 1")
 
     def __post_init__(self) -> None:
         self.answer_space = None  # unbounded answers
         self.valid_answers = None
-        self.funcs = [_import(f) for f in self.reward_funcs]
+        self.funcs = [import_object(f, "env.reward_funcs") for f in self.reward_funcs]
         self.weights = [float(w) for w in (self.reward_weights or [1.0] * len(self.funcs))]
-        self.key_fn = _import(self.answer_key) if self.answer_key else final_answer
+        self.key_fn = import_object(self.answer_key, "env.answer_key") if self.answer_key else final_answer
         rows = load_rows(self.path)
         if self.prompt_column not in rows.column_names:
             raise ValueError(f"env.prompt_column={self.prompt_column!r}: not a column of {self.path} "

@@ -153,15 +153,14 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         model, self.tok = load_policy(cfg.model, self.device)
-        self.learner = Learner(cfg, self.backend, self.tok, self.autocast, self.push_weights)
         self.evaluator = Evaluator(cfg, self.env, self.tok, self.device, self.collector, self.autocast)
         a = cfg.algo
-        if a.kl.coef > 0:  # frozen copy of the starting policy, before any checkpoint is loaded
-            self.learner.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # frozen copy of the starting policy, before any checkpoint is loaded
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if a.kl.coef > 0 else None
         opt = make_adamw(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
                          weight_decay=a.weight_decay)
         self.model, self.opt = self.backend.wrap(model, opt)
-        self.learner.opt = self.opt
+        self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref)
         state = self.backend.load(self.ckpt_dir)
         if state is not None:
             self.step = self.last_ckpt_step = state["step"]
@@ -280,7 +279,7 @@ class Trainer:
             self.history.train.append((self.step, self.evaluator.answer_dist(out.keys)))
         return {**out.metrics,
                 "time/step_s": t_end - t0, "time/generate_s": t_gen - t0, "time/train_s": t_end - t_gen,
-                "throughput/tokens_per_s": out.metrics["completion/mean_length"] * len(out.keys) / (t_end - t0),
+                "throughput/tokens_per_s": out.completion_tokens / (t_end - t0),
                 "tokens/generated_total": float(self.generated_tokens),
                 "errors/reward_total": bk.all_sum([self.collector.reward_errors])[0],
                 **probs, **train_m}

@@ -10,12 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from envs import INVALID
-from runner.track.metrics import answer_distribution, entropy, pass_at_k, tv_to_uniform
+from runner.track.metrics import answer_distribution, entropy, mean, pass_at_k, tv_to_uniform
 from runner.rollout.hf import render
-
-
-def _mean(xs: list) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
 
 
 class Evaluator:
@@ -137,17 +133,17 @@ class Evaluator:
         scores = self.scorer.score_batch(batch)
         per: list[list] = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
         m: dict[str, float] = {}
-        m["eval/accuracy"] = _mean([float(bool(s.correct)) for s in scores])
-        m[f"eval/pass_at_{k}"] = _mean([pass_at_k(k, sum(bool(s.correct) for s in ss), k) for ss in per])
-        m["eval/pass_at_1"] = _mean([pass_at_k(k, sum(bool(s.correct) for s in ss), 1) for ss in per])
+        m["eval/accuracy"] = mean([float(bool(s.correct)) for s in scores])
+        m[f"eval/pass_at_{k}"] = mean([pass_at_k(k, sum(bool(s.correct) for s in ss), k) for ss in per])
+        m["eval/pass_at_1"] = mean([pass_at_k(k, sum(bool(s.correct) for s in ss), 1) for ss in per])
         maj = []
         for ss in per:
             keys = [s.answer_key for s in ss if s.answer_key != INVALID]
             top = max(keys, key=keys.count) if keys else None
             maj.append(float(any(s.correct and s.answer_key == top for s in ss)) if top else 0.0)
-        m[f"eval/maj_at_{k}"] = _mean(maj)
-        m["eval/format_rate"] = _mean([float(s.answer_key != INVALID) for s in scores])
-        m["eval/reward_mean"] = _mean([s.reward for s in scores])
+        m[f"eval/maj_at_{k}"] = mean(maj)
+        m["eval/format_rate"] = mean([float(s.answer_key != INVALID) for s in scores])
+        m["eval/reward_mean"] = mean([s.reward for s in scores])
         m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
         if batch.episodes is not None:
             m.update(env.game_metrics(batch.episodes, "eval/game"))

@@ -29,16 +29,15 @@ class Learner:
     (all ranks), so they add up to the full batch's. Never lets a non-finite loss or
     gradient reach the weights."""
 
-    def __init__(self, cfg, backend, tok, autocast: Callable[[], AbstractContextManager],
-                 on_weights_changed: Callable[[], None]) -> None:
-        self.cfg, self.backend, self.tok = cfg, backend, tok
+    def __init__(self, cfg, backend, tok, opt, autocast: Callable[[], AbstractContextManager],
+                 on_weights_changed: Callable[[], None], ref_model=None) -> None:
+        self.cfg, self.backend, self.tok, self.opt = cfg, backend, tok, opt
         self.autocast, self.on_weights_changed = autocast, on_weights_changed
+        self.ref_model = ref_model  # a frozen copy of the starting policy where algo.kl.coef > 0
         a = cfg.algo
         self.loss_cfg = LossConfig.from_algo(a)
         e = a.entropy
         self.adaptive = AdaptiveEntropy(e.coef, e.target, e.delta, e.coef_min, e.coef_max) if e.adaptive else None
-        self.ref_model = None  # a frozen copy of the starting policy where algo.kl.coef > 0
-        self.opt = None
         self.nonfinite_streak = self.nonfinite_total = 0
         self.step = 0
 

@@ -10,11 +10,7 @@ import torch
 from envs import INVALID
 from runner.algo.loss import advantages
 from runner.loop.collector import Collected
-from runner.track.metrics import group_mechanics
-
-
-def _mean(xs: list) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+from runner.track.metrics import group_mechanics, mean
 
 
 @dataclass
@@ -25,6 +21,7 @@ class StepRollouts:
     metrics: dict[str, float]
     keys: list[str]
     generated: int
+    completion_tokens: int  # the completions alone (throughput)
 
 
 def record(c: Collected, rank: int, env=None) -> dict:
@@ -64,19 +61,19 @@ def step_metrics(recs: list[dict], cfg, env, evaluator, local_groups: bool) -> S
         "groups/zero_variance_frac": zero_var,
         "groups/dropped": float(sum(r["dropped"] for r in recs)),
         "groups/sampling_rounds": float(max(r["n_rounds"] for r in recs)),
-        "groups/clusters_mean": _mean([x for r in recs for x in r["clusters"]]),
+        "groups/clusters_mean": mean([x for r in recs for x in r["clusters"]]),
         **mechanism_metrics(groups, cfg.algo),
-        **{k: _mean([f[k] for r in recs for f in r["fr3e"] if k in f])
+        **{k: mean([f[k] for r in recs for f in r["fr3e"] if k in f])
            for k in sorted({k for r in recs for f in r["fr3e"] for k in f})},
         "tokens/generated": float(generated),
     }
     corrects = [x for r in recs for x in r["distinct_correct"]]
     if corrects:  # environments that judge right and wrong (math, Wordle, datasets)
-        m["groups/distinct_correct_mean"] = _mean(corrects)
-        m["reward/accuracy"] = _mean([float(x) for r in recs for x in r["correct"]])
+        m["groups/distinct_correct_mean"] = mean(corrects)
+        m["reward/accuracy"] = mean([float(x) for r in recs for x in r["correct"]])
     parts = [p for r in recs for p in r["components"]]
     for k in sorted({k for p in parts for k in p}):  # a summed reward's parts (env=dataset)
-        m[f"reward/{k}"] = _mean([p[k] for p in parts if k in p])
+        m[f"reward/{k}"] = mean([p[k] for p in parts if k in p])
     episodes = [e for r in recs for e in r["episodes"]]
     if episodes:
         m.update(env.game_metrics(episodes, "game"))
@@ -87,7 +84,7 @@ def step_metrics(recs: list[dict], cfg, env, evaluator, local_groups: bool) -> S
     else:
         m["answers/distinct_per_step"] = float(len(set(keys) - {INVALID}))
         m["answers/valid_rate"] = sum(k != INVALID for k in keys) / len(keys)
-    return StepRollouts(m, keys, int(generated))
+    return StepRollouts(m, keys, int(generated), int(sum(lengths)))
 
 
 def mechanism_metrics(groups: dict[tuple, list[tuple]], algo) -> dict[str, float]:
@@ -104,9 +101,9 @@ def mechanism_metrics(groups: dict[tuple, list[tuple]], algo) -> dict[str, float
             for v in groups.values()]
     if not mech:
         return {}
-    return {"groups/distinct_rewarded_mean": _mean([float(d) for d, _ in mech]),
-            "groups/multi_rewarded_frac": _mean([float(d >= 2) for d, _ in mech]),
-            "shaper/effective_group_frac": _mean([float(ch) for _, ch in mech])}
+    return {"groups/distinct_rewarded_mean": mean([float(d) for d, _ in mech]),
+            "groups/multi_rewarded_frac": mean([float(d >= 2) for d, _ in mech]),
+            "shaper/effective_group_frac": mean([float(ch) for _, ch in mech])}
 
 
 def distinct_correct(c: Collected) -> list[int]:

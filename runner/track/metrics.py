@@ -9,6 +9,11 @@ from typing import Mapping, Sequence
 from envs.base import INVALID
 
 
+def mean(xs: Sequence[float]) -> float:
+    """The mean, 0 for no values (a metric over an empty set of groups or rollouts)."""
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 def answer_distribution(keys: Sequence[str], answer_space: Sequence[str]) -> dict[str, float]:
     """Fraction per answer in `answer_space`, plus INVALID for everything else."""
     n = max(len(keys), 1)
