@@ -288,8 +288,8 @@ class Trainer:
         """One update of the policy from a batch and its advantages (the learner's)."""
         return self.learner.update(batch, adv, scores, self.step)
 
-    def evaluate(self) -> dict[str, float]:
-        m = self.evaluator.evaluate(self.eval_rollout, self.rollout_model, self.eval_model, self.step)
+    def evaluate(self, samples: Optional[int] = None) -> dict[str, float]:
+        m = self.evaluator.evaluate(self.eval_rollout, self.rollout_model, self.eval_model, self.step, samples)
         if self.evaluator.last and self.evaluator.last["dist"]:
             self.history.eval.append((self.step, self.evaluator.last["dist"]))
         return m
@@ -385,10 +385,12 @@ class Trainer:
         """Final evaluation, checkpoint and artifacts; status FINISHED (completed, or stopped
         by the budget) or KILLED (a signal). Under a budget stop the final evaluation runs
         only if it still fits; the checkpoint is always written."""
-        eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.evaluator.seconds or None)
+        t = self.cfg.train
+        final_n = t.final_eval_samples or t.eval_samples
+        eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.evaluator.seconds * final_n / t.eval_samples or None)
         due = self.evaluator.last_step != self.step and self.step > 0 and self.backend.is_main
         if due and reason in FINISHED_REASONS and (reason != "budget" or eval_fits):
-            m = self.evaluate()
+            m = self.evaluate(samples=final_n)
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)
         self.save_checkpoint()

@@ -33,7 +33,7 @@ def steps_of(c, run_id, key):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    r = run_cli([*FAST, "train.steps=3", f"output_dir={tmp / 'out'}"], cwd=tmp)
+    r = run_cli([*FAST, "train.steps=3", "train.final_eval_samples=40", f"output_dir={tmp / 'out'}"], cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, r
 
@@ -63,6 +63,9 @@ def test_run_logs_config_metrics_and_artifacts(trained):
     assert steps_of(c, run.info.run_id, "eval/answers/valid_rate") == [2, 3]
     probs = [c.get_metric_history(run.info.run_id, f"eval/prob/{k}")[-1].value for k in "123456"]
     assert all(0 <= p <= 1 for p in probs) and 0 < sum(probs) <= 1
+    # the periodic evaluation samples train.eval_samples (8), the final one final_eval_samples (40)
+    assert [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, "eval/samples")] == [(2, 8), (3, 40)]
+    assert "sampled (n=40, T=1)" in r.stdout
     fracs = [c.get_metric_history(run.info.run_id, f"answers/frac/{k}")[0].value for k in [*"123456", "invalid"]]
     assert sum(fracs) == pytest.approx(1.0)
     arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {

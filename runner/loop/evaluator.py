@@ -85,25 +85,31 @@ class Evaluator:
         return dict(self.env.metrics(scores, "eval/env")) if hasattr(self.env, "metrics") else {}
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self, rollout, rollout_model, model, step: int) -> dict[str, float]:
-        """`model` answers the exact probabilities, `rollout` samples from `rollout_model`."""
+    def evaluate(self, rollout, rollout_model, model, step: int, samples: Optional[int] = None) -> dict[str, float]:
+        """`model` answers the exact probabilities, `rollout` samples from `rollout_model`:
+        `samples` completions of a one-prompt environment (default train.eval_samples);
+        held-out sets sample env.eval_k per problem. `seconds` is kept per periodic sample
+        count, so a larger final evaluation does not inflate the budget's projection."""
+        n = samples or self.cfg.train.eval_samples
         t_start = time.perf_counter()
         m = (self._heldout(rollout, rollout_model) if hasattr(self.env, "eval_prompts")
-             else self._one_prompt(rollout, rollout_model, model, step))
-        self.seconds = time.perf_counter() - t_start
+             else self._one_prompt(rollout, rollout_model, model, step, n))
+        elapsed = time.perf_counter() - t_start
+        self.seconds = elapsed * self.cfg.train.eval_samples / n if not hasattr(self.env, "eval_prompts") else elapsed
         self.last_step = step
-        m["time/eval_s"] = self.seconds
+        m["time/eval_s"] = elapsed
         return m
 
-    def _one_prompt(self, rollout, rollout_model, model, step: int) -> dict[str, float]:
+    def _one_prompt(self, rollout, rollout_model, model, step: int, n: int) -> dict[str, float]:
         env = self.env
         prompt = env.prompts(step, 1)[0]
         with self.autocast():
-            batch = rollout.generate(rollout_model, self.tok, [prompt], self.cfg.train.eval_samples, temperature=1.0)
+            batch = rollout.generate(rollout_model, self.tok, [prompt], n, temperature=1.0)
         errors_before = self.scorer.reward_errors
         scores = self.scorer.score_batch(batch)
         keys = [s.answer_key for s in scores]
         m = self.answer_metrics(keys, "eval/answers")
+        m["eval/samples"] = float(len(scores))
         m["eval/reward_mean"] = sum(s.reward for s in scores) / len(scores)
         m["eval/reward_errors"] = float(self.scorer.reward_errors - errors_before)
         m["eval/exact_format_rate"] = sum(s.exact_format for s in scores) / len(scores)
@@ -118,7 +124,7 @@ class Evaluator:
             if env.valid_answers:
                 m["eval/prob/tv_uniform_valid"] = tv_to_uniform(dist, env.valid_answers)
         self.last = {"dist": self.answer_dist(keys), "probs": probs, "scores": scores,
-                     "completions": batch.completions, "prompt": prompt, "step": step}
+                     "completions": batch.completions, "prompt": prompt, "step": step, "samples": n}
         return m
 
     @torch.no_grad()

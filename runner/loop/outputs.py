@@ -48,7 +48,7 @@ def summary(trainer) -> str:
                 t.add_row(k[5:], f"{v:.3f}")
     else:
         t.add_column("answer")
-        t.add_column(f"sampled (n={cfg.train.eval_samples}, T=1)", justify="right")
+        t.add_column(f"sampled (n={ev.get('samples', cfg.train.eval_samples)}, T=1)", justify="right")
         t.add_column("P(first token)", justify="right")
         t.add_column("ideal", justify="right")
         for k, v in ev["dist"].items():
