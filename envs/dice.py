@@ -54,6 +54,8 @@ class DiceEnv:
     @staticmethod
     def check_config(cfg: dict) -> None:
         require(cfg["faces"] >= 2, "faces", cfg["faces"], "must be >= 2")
+        require(bool(cfg["prompt"].strip()), "prompt", cfg["prompt"],
+                "must be a non-empty instruction (the user message every rollout answers)")
 
     def __post_init__(self) -> None:
         self.answer_space = [str(i) for i in range(1, self.faces + 1)]

@@ -17,6 +17,7 @@ host.configure()  # OpenMP wait policy and allocator, before anything imports to
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from runner import outdir  # noqa: E402
 from runner.budget import CostMeter  # noqa: E402
 from runner.config import ConfigError, validate  # noqa: E402
 from runner.plugins import register_entry_points  # noqa: E402
@@ -30,7 +31,6 @@ register_entry_points()
 def main(cfg: DictConfig) -> Optional[float]:
     """Runs one job; returns the sweep objective (`objective`, a metric name) for sweepers."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     started_at = time.time()
     meter = CostMeter(0.0)  # the job's clock starts here, before any loading; priced below
@@ -45,10 +45,51 @@ def main(cfg: DictConfig) -> Optional[float]:
     output_dir = Path(hc.runtime.output_dir).resolve()
     run_cfg.output_dir = str(output_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
+    try:
+        outdir.lock(output_dir)  # held until this job returns (the kernel drops it if we die)
+        resume = outdir.decide(output_dir, config_yaml, run_cfg.train.resume, explicit_store(run_cfg.tracking.uri),
+                               run_cfg.train.steps)
+    except outdir.AlreadyFinished as e:
+        outdir.unlock(output_dir)
+        print(e, file=sys.stderr)
+        return math.nan
+    except ConfigError as e:
+        outdir.unlock(output_dir)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return run_job(cfg, run_cfg, hc, output_dir, resume, meter, started_at)
+    except KeyboardInterrupt:  # before the run began (imports, a sweep's admission): nothing exists yet
+        print("interrupted during start-up, before any step ran; nothing was logged or checkpointed",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        outdir.unlock(output_dir)
+
+
+def explicit_store(uri: Optional[str]) -> Optional[str]:
+    """The store this command names (tracking.uri or $MLFLOW_TRACKING_URI), None for the default."""
+    import os
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resume", meter: CostMeter,
+            started_at: float) -> Optional[float]:
+    from hydra.types import RunMode
+
+    for note in resume.notes:
+        print(note, file=sys.stderr)
+    if resume.tracking_uri and resume.tracking_uri != run_cfg.tracking.uri:
+        log.info("resuming into the run's own store %s", resume.tracking_uri)
+        run_cfg.tracking.uri = resume.tracking_uri
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
 
     ledger, parent_id, job = None, None, "0"
     recipe = hc.runtime.choices.get("recipe")
     tags = {"recipe": recipe} if recipe and recipe != "null" else {}
+    if resume.changes:
+        tags["resumed_with"] = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items())[:5000]
     if hc.mode == RunMode.MULTIRUN:
         from runner.budget import SweepLedger
         from runner.track.sweep import parent_of
@@ -77,14 +118,20 @@ def main(cfg: DictConfig) -> Optional[float]:
             sys.exit(result["returncode"] if result["returncode"] > 0 else 1)
         return result.get("objective", math.nan)
 
-    from runner.train import CLEAN_EXIT_REASONS, NonFiniteError, run
+    from runner.train import CLEAN_EXIT_REASONS, Interrupted, NonFiniteError, run
 
     try:
         trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept and the run is marked KILLED", file=sys.stderr)
+    except Interrupted as e:
+        print(e.message, file=sys.stderr)
         sys.exit(130)
-    except NonFiniteError as e:
+    except KeyboardInterrupt:  # between the loop's own handlers
+        print("interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except ConfigError as e:  # the output dir's checkpoints, found unreadable after loading
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (NonFiniteError, OSError) as e:  # OSError: a full disk, say; the traceback is in MLflow (traceback.txt)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if trainer.stop_reason not in CLEAN_EXIT_REASONS:
@@ -95,7 +142,12 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 def check_installed(run_cfg) -> None:
-    """Optional parts (DeepSpeed, vLLM) are checked here, before anything is loaded."""
+    """Optional parts (DeepSpeed, vLLM) and what the command names on this machine (one
+    option per group, tracking store, model files, GPU, budget, context and memory:
+    runner/preflight/) are checked here, before anything is loaded."""
+    from runner import preflight
+
+    preflight.check_hydra_choices()
     if run_cfg.trainer.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer=deepspeed: the deepspeed package is not installed; "
                           "pip install '.[deepspeed]' (or use trainer=torch)")
@@ -103,6 +155,7 @@ def check_installed(run_cfg) -> None:
         from runner.rollout.vllm import check_available
 
         check_available(run_cfg)
+    preflight.check(run_cfg)
 
 
 def skip(run_cfg, parent_id: Optional[str], tags: dict, why: str) -> None:

@@ -194,8 +194,8 @@ class TorchBackend:
                    **state}
         return ckpt.save(directory, step, payload, keep)
 
-    def load(self, directory: Path) -> Optional[dict]:
-        state = ckpt.load_latest(directory)
+    def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
+        state = ckpt.load_latest(directory, problems)
         if state is None:
             return None
         self.model.load_state_dict(state["model"])
@@ -424,7 +424,8 @@ class DeepSpeedBackend(TorchBackend):
         self.barrier()
         return root / tag
 
-    def load(self, directory: Path) -> Optional[dict]:
+    def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
+        problems = [] if problems is None else problems
         root = directory / "deepspeed"
         for tag in reversed(complete_tags(root)):
             meta = json.loads((root / tag / "COMPLETE").read_text())
@@ -436,9 +437,11 @@ class DeepSpeedBackend(TorchBackend):
                 path, client = self.engine.load_checkpoint(str(root), tag=tag)
             except Exception as e:  # a corrupt shard: fall back to the previous tag
                 log.warning("DeepSpeed checkpoint %s failed to load (%s); trying the previous one", tag, e)
+                problems.append(f"{tag}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
             if path is None:
                 log.warning("DeepSpeed checkpoint %s is incomplete; trying the previous one", tag)
+                problems.append(f"{tag}: incomplete")
                 continue
             mine = torch.load(root / tag / f"rank{self.rank}.pt", weights_only=False)
             ckpt.set_rng_state(mine["rng"])

@@ -28,6 +28,7 @@ class CostMeter:
         self._clock = clock
         self._start = clock()
         self._carried = spent_seconds  # wall seconds spent by earlier attempts of this run
+        self._before_clock = spent_seconds  # as given here (a DeepSpeed launcher's share); carry() leaves it
         self._recent: deque[float] = deque(maxlen=window)
 
     def carry(self, seconds: float) -> None:
@@ -37,6 +38,12 @@ class CostMeter:
     @property
     def wall_seconds(self) -> float:
         return self._carried + self._clock() - self._start
+
+    @property
+    def attempt_seconds(self) -> float:
+        """Wall seconds of this attempt alone, from the job's start (a DeepSpeed launcher's
+        included), without the earlier attempts a resume carries in."""
+        return self._before_clock + self._clock() - self._start
 
     @property
     def device_hours(self) -> float:

@@ -1,10 +1,11 @@
 """Checkpoints: policy weights, optimizer, step, RNG streams and run state, written atomically.
 
-A checkpoint is written to a temporary file, fsynced and renamed into place, so a crash
-mid-write never leaves a half file under a real name; its SHA-256 goes in a sidecar file.
-Loading walks back from the newest, verifies the digest, and skips (with a warning) any
-file that is corrupt, truncated or unloadable, so one bad file costs at most
-`checkpoint_every` steps.
+A checkpoint is written to a temporary file, fsynced, its SHA-256 put in a sidecar file,
+and only then renamed into place: a file under a real name always has its digest, so a
+crash mid-write never leaves a half file that looks complete. Loading walks back from the
+newest and skips (with a warning) any file that is corrupt, truncated, unloadable, has no
+digest to check, or holds non-finite weights, so one bad file costs at most
+`checkpoint_every` steps. A failed write (a full disk) removes its temporary file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +23,10 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a failing device); nothing half-written is left."""
+
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -54,21 +60,43 @@ def checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def save(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    _tidy(directory)
     final = directory / f"ckpt-{step:08d}.pt"
     tmp = directory / f".ckpt-{step:08d}.pt.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({**payload, "step": step}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, final)
     side_tmp = final.with_name(f".{final.name}.sha256.tmp")
-    side_tmp.write_text(digest)
-    os.replace(side_tmp, _sidecar(final))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**payload, "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        side_tmp.write_text(_sha256(tmp))
+        os.replace(side_tmp, _sidecar(final))
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            kept = [s for s, _ in checkpoints(directory) if s != step]
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            free = shutil.disk_usage(directory).free / 2**20
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final} ({why}; {free:.0f} MiB free there); "
+                f"{f'the checkpoint at step {kept[-1]} is kept' if kept else 'no earlier checkpoint exists'}; "
+                f"free space and run the same command to resume") from e
+        raise
     for _, old in checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)
     return final
+
+
+def _tidy(directory: Path) -> None:
+    """Remove what interrupted saves and prunes leave: temporary files, digests without a checkpoint."""
+    for p in directory.iterdir():
+        if p.name.startswith(".ckpt-") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        elif p.name.endswith(".pt.sha256") and not p.with_name(p.name[:-len(".sha256")]).exists():
+            p.unlink(missing_ok=True)
 
 
 def _sidecar(path: Path) -> Path:
@@ -83,17 +111,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_latest(directory: Path) -> Optional[dict[str, Any]]:
-    """The newest checkpoint that loads, or None. Unloadable files are reported and skipped."""
+def load_latest(directory: Path, problems: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """The newest checkpoint that verifies and loads, or None. Each file skipped is reported
+    (and appended to `problems`, for the caller's error message)."""
     for step, path in reversed(checkpoints(directory)):
         try:
             side = _sidecar(path)
-            if side.exists() and side.read_text().strip() != _sha256(path):
+            if not side.exists():
+                raise ValueError("no .sha256 beside it to verify it against")
+            if side.read_text().strip() != _sha256(path):
                 raise ValueError("SHA-256 does not match the one written with it")
             data = torch.load(path, map_location="cpu", weights_only=False)
             if data.get("step") != step:
                 raise ValueError(f"file says step {data.get('step')}")
+            bad = [k for k, t in (data.get("model") or {}).items()
+                   if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise ValueError(f"non-finite weights ({bad[0]}{' and others' if len(bad) > 1 else ''})")
             return data
         except Exception as e:  # a truncated or corrupt file
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, str(e).splitlines()[0])
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, why)
+            if problems is not None:
+                problems.append(f"{path.name}: {why}")
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import inspect
+import math
 import os
 import re
 import types
@@ -267,6 +268,9 @@ class TrainConfig:
     # generated, FR3E base trajectories included: compares rollout strategies or group sizes
     # at an equal generation budget. train.steps stays the upper bound.
     max_generated_tokens: Optional[int] = None
+    # An existing output_dir: auto resumes it if the config and store match (else refuses),
+    # force resumes it with this command's values, never moves its run into previous/ and starts anew.
+    resume: str = "auto"
 
 
 @dataclass
@@ -327,12 +331,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise bad
     if tp is int:
+        # a whole number written as a float (train.steps=1e12: Hydra reads 1e12 as a float) is that integer
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if math.isnan(value):
+            raise ConfigError(f"{key}=nan: not a number; give a finite value")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -422,14 +431,52 @@ def _is_hub_id(p: str) -> bool:
     return not p.startswith((".", "~", "/")) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", p) is not None
 
 
+# Floats where inf means "no limit" (a user's right); every other number must be finite.
+INF_MEANS_NO_LIMIT = ("algo.max_grad_norm", "algo.adv_clip", "algo.clip_high", "algo.entropy.coef_max",
+                      "budget.cap_usd", "budget.sweep_cap_usd")
+MIN_TEMPERATURE = 0.01
+MAX_SEED = 2**32 - 1  # numpy's seed range (runner/train.py seeds numpy, random and torch)
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """inf or -inf in a schema float other than INF_MEANS_NO_LIMIT is refused here, before
+    any range rule, so every such key says the same. (NaN is refused by `_coerce`.)"""
+    for f in dataclasses.fields(node):
+        key, value = _join(prefix, f.name), getattr(node, f.name)
+        if key == "env":  # an environment's own numbers: its check_config says what they may be
+            continue
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key)
+        elif isinstance(value, float) and math.isinf(value) and key not in INF_MEANS_NO_LIMIT:
+            raise ConfigError(f"{key}={value!r}: must be a finite number (inf means 'no limit' only for "
+                              f"{', '.join(INF_MEANS_NO_LIMIT)})")
+
+
+def _check_nan(key: str, value: Any) -> None:
+    """NaN anywhere in an environment's settings, typed or not."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{key}=nan: not a number; give a finite value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_nan(f"{key}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_nan(f"{key}[{i}]", v)
+
+
 def _check_ranges(c: RunConfig) -> None:
+    _check_finite(c)
+    if c.env is not None and dataclasses.is_dataclass(c.env):
+        for f in dataclasses.fields(c.env):
+            _check_nan(f"env.{f.name}", getattr(c.env, f.name))
+    _check(0 <= c.seed <= MAX_SEED, "seed", c.seed, f"must be an integer in [0, {MAX_SEED}] (numpy's seed range)")
     _check(c.report in (None, "dice_post", "phase"), "report", c.report, "must be null, dice_post or phase")
     # an algorithm preset is any file that sets the loss switches: its name is a label
     _check(bool(c.algo.name), "algo.name", c.algo.name, "must be a non-empty label (e.g. grpo)")
     a = c.algo
     _check(a.group_size >= 2, "algo.group_size", a.group_size,
            "must be an integer >= 2 (a group of 1 has no baseline to compare against)")
-    _check(a.lr > 0, "algo.lr", a.lr, "must be > 0")
+    _check(a.lr > 0, "algo.lr", a.lr, "must be > 0")  # and finite: _check_finite
     _one_of("algo.lr_schedule", a.lr_schedule, LR_SCHEDULES)
     _check(a.warmup_steps >= 0, "algo.warmup_steps", a.warmup_steps, "must be an integer >= 0")
     _check(a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, "must be >= 0")
@@ -506,7 +553,9 @@ def _check_ranges(c: RunConfig) -> None:
                "may be null only with rollout.fr3e.percentile set")
         _check(c.trainer.name != "deepspeed" or c.trainer.group_placement == "local", "trainer.group_placement",
                c.trainer.group_placement, "must be local with rollout.strategy=fr3e (anchor groups live on one rank)")
-    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
+    _check(r.temperature >= MIN_TEMPERATURE, "rollout.temperature", r.temperature,
+           f"must be a finite number >= {MIN_TEMPERATURE} (vLLM's own floor, against NaN/inf in half-precision "
+           f"logits; colder sampling is near-greedy: a group's rollouts come out identical and carry no signal)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _one_of("rollout.engine", r.engine, ("loop", "generate"))
@@ -537,6 +586,8 @@ def _check_ranges(c: RunConfig) -> None:
            "must be >= 0 or null")
 
     _one_of("tracking.name", c.tracking.name, ("mlflow",))
+    _check(bool(c.tracking.experiment.strip()), "tracking.experiment", c.tracking.experiment,
+           "must be a non-empty MLflow experiment name (e.g. runner)")
     _check(c.tracking.flush_every >= 1, "tracking.flush_every", c.tracking.flush_every, "must be >= 1")
 
     t = c.train
@@ -550,6 +601,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
     _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
+    _one_of("train.resume", t.resume, ("auto", "force", "never"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")

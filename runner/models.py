@@ -21,6 +21,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# the tiny model's context (max_position_embeddings): what rollout.max_new_tokens must fit in
+TINY_CONTEXT = 2048
 
 
 def cache_dir() -> Path:
@@ -131,7 +133,7 @@ def build_tiny(cfg: Any, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=2048,
+        max_position_embeddings=TINY_CONTEXT,
     )
     return LlamaForCausalLM(config)
 

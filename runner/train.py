@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from runner import host
+from runner import host, outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig, flatten, to_dict
@@ -36,7 +36,6 @@ from runner.track.store import Tracker
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "run_state.json"
 # stop reasons of a run that ended as configured (MLflow status FINISHED, exit code 0)
 FINISHED_REASONS = ("completed", "budget", "token_budget")
 # ... plus a price estimate (no training): the process exits 0 for these
@@ -103,12 +102,6 @@ def pick_device(name: str) -> str:
     return name
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, output_dir: Path, meter: Optional[CostMeter] = None,
                  ledger: Optional[SweepLedger] = None, job_id: str = "0"):
@@ -161,7 +154,26 @@ class Trainer:
                          weight_decay=a.weight_decay)
         self.model, self.opt = self.backend.wrap(model, opt)
         self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref)
-        state = self.backend.load(self.ckpt_dir)
+        problems: list[str] = []
+        state = self.backend.load(self.ckpt_dir, problems)
+        written = int(outdir.read_record(self.output_dir).get("checkpoint_step", 0))
+        if state is None and written > 0:
+            # starting over would log steps 1..N into the MLflow run a second time
+            raise outdir.OutputDirError(
+                f"output_dir {self.output_dir}: checkpoints up to step {written} were written, none is readable "
+                f"({'; '.join(problems) or 'none left'}); nothing was changed. train.resume=never keeps these "
+                f"files in previous/ and starts a new run here, or use another output_dir")
+        self.fell_back = ""
+        if state is not None and state["step"] < written:
+            # MLflow holds steps up to `written`: going on from an older checkpoint logs some twice
+            self.fell_back = (f"fell back from step {written} to {state['step']} ({'; '.join(problems)}); "
+                              f"steps {state['step'] + 1}-{written} are logged twice")
+            if cfg.train.resume != "force":
+                raise outdir.OutputDirError(
+                    f"output_dir {self.output_dir}: the newest readable checkpoint is at step {state['step']} "
+                    f"({'; '.join(problems)}), but MLflow holds steps up to {written}: resuming would log steps "
+                    f"{state['step'] + 1}-{written} twice. train.resume=force does that (tagged on the run), "
+                    f"train.resume=never starts a new run here; nothing was changed")
         if state is not None:
             self.step = self.last_ckpt_step = state["step"]
             self.history = History(**state["history"])
@@ -172,6 +184,9 @@ class Trainer:
             self.generated_tokens = counters.get("generated_tokens", 0)
             if self.learner.adaptive is not None and "entropy_coef" in state:
                 self.learner.adaptive.coef = state["entropy_coef"]
+            self.final_metrics = dict(state.get("final_metrics", {}))
+            if state.get("evaluated_step") == self.step:  # e.g. the final evaluation: not run twice
+                self.evaluator.last, self.evaluator.last_step = state.get("eval_last"), self.step
             log.info("resumed from step %d", self.step)
         if cfg.rollout.name == "vllm":
             self.start_vllm()
@@ -219,19 +234,23 @@ class Trainer:
         if not self.backend.is_main:
             self.tracker = NullTracker()
             return
-        state_path = self.output_dir / STATE_FILE
-        prior = json.loads(state_path.read_text()) if state_path.exists() else {}
+        prior = outdir.read_record(self.output_dir)
+        extra_tags = dict(extra_tags or {})
+        resumed_with = extra_tags.pop("resumed_with", None)  # what a resume changed (runner.outdir)
 
         def remember(run_id: str) -> None:
-            _write_json(state_path, {"run_id": run_id, "tracking_uri": self.tracker.uri,
-                                     "experiment": cfg.tracking.experiment})
+            outdir.update_record(self.output_dir, run_id=run_id, tracking_uri=self.tracker.uri,
+                                 experiment=cfg.tracking.experiment)
 
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, self.output_dir, on_run_created=remember)
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, self.output_dir, on_run_created=remember, background=True)
         same_store = prior.get("tracking_uri") in (None, self.tracker.uri)
         spooled_create = any(o["op"] == "create" for o in self.tracker._ops)
         if same_store and (prior.get("run_id") or spooled_create):
             self.tracker.resume(prior.get("run_id"), upto_step=self.step)
             self.tracker.log_text(config_yaml, f"config/resumed_at_step_{self.step}.yaml")
+            note = "; ".join(x for x in (resumed_with, self.fell_back) if x)
+            if note:
+                self.tracker.set_tags({f"resumed_at_step_{self.step}": note})
             return
         tags = {
             "env": cfg.env.name,
@@ -241,7 +260,7 @@ class Trainer:
             "output_dir": str(self.output_dir),
             "omp_wait_policy": f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})",
             "malloc": host.POLICY.get("malloc", ""),
-            **(extra_tags or {}),
+            **extra_tags,
         }
         name = cfg.tracking.run_name or f"{cfg.env.name}-{cfg.algo.name}-{cfg.shaper.name}-s{cfg.seed}"
         self.tracker.start(name, tags, parent_run_id=parent_run_id)
@@ -300,16 +319,29 @@ class Trainer:
         return self.backend.eval_model(self.model, self.rollout_model)
 
     # -- persistence ---------------------------------------------------------------------
+    def weights_finite(self) -> bool:
+        bad = any(not torch.isfinite(p).all() for p in self.model.parameters())
+        return not self.backend.agree(int(bad))
+
     def save_checkpoint(self) -> Path:
+        if not self.weights_finite():
+            raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large?); "
+                                 f"no checkpoint written, the one at step {self.last_ckpt_step} is kept")
+        evaluated = self.evaluator.last_step == self.step
         state = {
             "history": {"train": self.history.train, "eval": self.history.eval},
             "wall_seconds": self.meter.wall_seconds,
             "entropy_coef": self.learner.adaptive.coef if self.learner.adaptive else None,
             "counters": {"reward_errors": self.collector.reward_errors, "nonfinite_total": self.learner.nonfinite_total,
                          "generated_tokens": self.generated_tokens},
+            "final_metrics": self.final_metrics,
+            "evaluated_step": self.evaluator.last_step if evaluated else None,
+            "eval_last": self.evaluator.last if evaluated else None,
         }
         path = self.backend.save(self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
         self.last_ckpt_step = self.step
+        if self.backend.is_main:
+            outdir.update_record(self.output_dir, checkpoint_step=self.step)
         if self.tracker:
             self.tracker.flush(upto_step=self.step)
         return path
@@ -411,7 +443,17 @@ class Trainer:
                                "total_device_hours": f"{self.meter.device_hours:.5f}",
                                "total_usd": f"{self.meter.usd:.4f}"})
         self.log_artifacts()
-        self.tracker.end("FINISHED" if reason in FINISHED_REASONS else "KILLED")
+        status = "FINISHED" if reason in FINISHED_REASONS else "KILLED"
+        self.tracker.end(status)
+        self.record_end(status, reason, self.step)
+
+    def record_end(self, status: str, reason: str, step: int) -> None:
+        """How the run ended, in the output dir: a completed run is not run again."""
+        if self.backend.is_main:
+            try:
+                outdir.update_record(self.output_dir, status=status, stop_reason=reason, final_step=step)
+            except OSError as e:  # a full disk: the record stays as it was, the run resumes
+                log.warning("could not record the run's end in %s: %s", self.output_dir, e)
 
     def log_artifacts(self) -> None:
         log_artifacts(self.tracker, self.output_dir, self.cfg, self.env, self.history, self.evaluator.last)
@@ -452,21 +494,40 @@ def estimate(trainer: Trainer) -> dict[str, float]:
     return est
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C that ended the process, with what it left behind (printed by the entry point)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None,
         ledger: Optional[SweepLedger] = None, job_id: str = "0", parent_run_id: Optional[str] = None,
         extra_tags: Optional[dict[str, str]] = None) -> Trainer:
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
-    that says how it ended: FINISHED (completed, cost or token budget), KILLED (signal) or FAILED."""
+    that says how it ended: FINISHED (completed, cost or token budget), KILLED (signal) or FAILED,
+    and the same in the output dir's record (runner.outdir)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s (env=%s algo=%s shaper=%s model=%s)", output_dir, cfg.env.name, cfg.algo.name,
              cfg.shaper.name, cfg.model.name)
-    trainer = Trainer(cfg, output_dir, meter, ledger, job_id)
-    trainer.setup()
-    if cfg.budget.estimate_only:
-        trainer.estimate = estimate(trainer)
-        trainer.stop_reason = "estimate"
-        return trainer
-    trainer.open_tracking(config_yaml, parent_run_id, extra_tags)
+    trainer: Optional[Trainer] = None
+    try:
+        trainer = Trainer(cfg, output_dir, meter, ledger, job_id)
+        trainer.setup()
+        from runner.preflight import record_startup  # what a budget cap must cover (runner/preflight/)
+        record_startup(trainer)
+        if cfg.budget.estimate_only:
+            trainer.estimate = estimate(trainer)
+            trainer.stop_reason = "estimate"
+            return trainer
+        trainer.open_tracking(config_yaml, parent_run_id, extra_tags)
+    except KeyboardInterrupt:
+        if trainer is not None and trainer.tracker is not None:
+            trainer.tracker.end("KILLED", upto_step=trainer.last_ckpt_step)
+            trainer.record_end("KILLED", "interrupted", trainer.last_ckpt_step)
+        resumed = f"; the checkpoint at step {trainer.step} is kept" if trainer is not None and trainer.step else ""
+        raise Interrupted(f"interrupted during start-up, before any step ran{resumed}; the same command starts again") from None
     if trainer.backend.is_main:
         (output_dir / "config.yaml").write_text(config_yaml)
         if cfg.trainer.name == "deepspeed":  # the JSON DeepSpeed was given, generated from the config
@@ -478,20 +539,31 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             trainer.stop_reason = trainer.fit(stop)
             trainer.finish(trainer.stop_reason)
         except KeyboardInterrupt:
-            trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": trainer.last_ckpt_step})
-            trainer.tracker.end("KILLED", upto_step=trainer.last_ckpt_step)
-            raise
+            last = trainer.last_ckpt_step
+            trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": last})
+            trainer.tracker.end("KILLED", upto_step=last)
+            trainer.record_end("KILLED", "interrupted", last)
+            kept = f"the checkpoint at step {last} is kept" if last else "no checkpoint had been written yet"
+            raise Interrupted(f"interrupted at step {trainer.step}: {kept}; the MLflow run is marked KILLED "
+                              f"(logged up to step {last}); the same command resumes") from None
         except NonFiniteError as e:
-            trainer.save_checkpoint()  # the weights are the last finite ones
-            trainer.tracker.set_tags({"stop_reason": "nonfinite", "final_step": trainer.step, "error": str(e)[:500]})
+            why = str(e)
+            try:
+                trainer.save_checkpoint()  # only if the weights themselves are finite
+                why += f" The checkpoint at step {trainer.step} holds the last finite weights."
+            except NonFiniteError as not_saved:
+                why += f" {not_saved}."
+            trainer.tracker.set_tags({"stop_reason": "nonfinite", "final_step": trainer.step, "error": why[:500]})
             trainer.tracker.end("FAILED")
-            raise
+            trainer.record_end("FAILED", "nonfinite", trainer.step)
+            raise NonFiniteError(why) from None
         except BaseException:
             tb = traceback.format_exc()
             try:
                 trainer.tracker.set_tags({"stop_reason": "error"})
                 trainer.tracker.log_text(tb, "traceback.txt")
                 trainer.tracker.end("FAILED", upto_step=trainer.last_ckpt_step)
+                trainer.record_end("FAILED", "error", trainer.last_ckpt_step)
             finally:
                 raise
     if trainer.backend.is_main:

@@ -87,6 +87,8 @@ def test_corrupt_or_truncated_checkpoint_falls_back_to_the_previous(tmp_path):
     data[len(data) // 2] ^= 0xFF  # one flipped byte: caught by the SHA-256
     four.write_bytes(bytes(data))
     r = run_cli([*args, "train.steps=8"], cwd=tmp_path)
+    assert r.returncode == 2 and "would log steps 3-6 twice" in r.stderr  # MLflow holds steps 1-6
+    r = run_cli([*args, "train.steps=8", "train.resume=force"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     log_text = (tmp_path / "out" / "runner.log").read_text()
     assert "ckpt-00000006.pt is unreadable" in log_text

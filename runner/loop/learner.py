@@ -200,5 +200,4 @@ class Learner:
         if self.nonfinite_streak >= limit:
             raise NonFiniteError(
                 f"{self.nonfinite_streak} updates in a row had a non-finite loss or gradient (step {self.step}); "
-                f"stopping (train.max_nonfinite_steps={limit}). The weights and the "
-                f"checkpoint are from the last finite update: try a lower algo.lr or algo.max_grad_norm.")
+                f"stopping (train.max_nonfinite_steps={limit}); try a lower algo.lr or algo.max_grad_norm.")

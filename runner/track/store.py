@@ -7,6 +7,13 @@ in the spool and are retried at the next flush, at the end of the run, or later 
 
     python -m runner.track.store sync OUTPUT_DIR [--uri URI]
 
+"Cannot be reached" includes a store that cannot even be opened at start-up (a directory
+that is not writable, a SQLite file locked by another writer): the MLflow client is made
+lazily, inside the guarded send path (runner.track.connect), so the run starts offline and
+connects later. With `background=True` the sends happen on a worker thread
+(runner.track.sender): a slow or locked store never stalls a training step. The spool
+file's own failures (a full disk, a cut line) are handled in runner.track.spool.
+
 Metrics are only sent up to the step of the last checkpoint (`flush(upto_step=...)`):
 after a crash, the resumed run recomputes the steps after that checkpoint, so the logged
 history has neither duplicates nor gaps. Batching also matters for speed: one
@@ -20,9 +27,14 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
+
+from runner.track.connect import connect, sqlite_path
+from runner.track.sender import BackgroundSender
+from runner.track.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +42,11 @@ MAX_BATCH = 1000  # MLflow's limit for metrics in one log_batch
 MAX_PARAMS = 100  # and for params
 SPOOL = "mlflow_spool.jsonl"
 
-# A tracking server that is down should cost a refused connection, not minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# start() and resume() wait this long at most for their first send, even in the background
+START_WAIT_S = 30.0
+# while offline, the background sender tries the store at most this often (a try costs a
+# locked SQLite file its 5 s busy timeout, an unopenable one a few of MLflow's warnings)
+OFFLINE_RETRY_S = 10.0
 
 
 def resolve_uri(uri: Optional[str]) -> str:
@@ -42,10 +56,8 @@ def resolve_uri(uri: Optional[str]) -> str:
 
 def _artifact_root(uri: str) -> Optional[str]:
     """Artifacts beside a local SQLite store, so the pair can be moved or deleted together."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db else None
 
 
 def metric_name(name: str) -> str:
@@ -54,31 +66,50 @@ def metric_name(name: str) -> str:
 
 
 class Tracker:
-    """One MLflow run, fed through an on-disk spool (or an in-memory one if spool_dir is None)."""
+    """One MLflow run, fed through an on-disk spool (or an in-memory one if spool_dir is None).
+
+    background=True: `flush()` only asks a worker thread to send (see runner.track.sender);
+    `start()`/`resume()` wait for that first send (at most START_WAIT_S) and `end()` waits
+    for the worker, then sends what is left itself. `_ops` and the spool are shared with the
+    worker and guarded by `_lock`; a send takes a snapshot of `_ops` and removes what it
+    sent by identity, since records keep being appended meanwhile."""
 
     def __init__(self, uri: Optional[str], experiment: str, spool_dir: Optional[Path] = None,
-                 on_run_created: Optional[Callable[[str], None]] = None):
-        from mlflow.tracking import MlflowClient
+                 on_run_created: Optional[Callable[[str], None]] = None, background: bool = False):
+        import mlflow.tracking  # noqa: F401  (imported here, on the caller's thread: the import is slow)
 
         self.uri = resolve_uri(uri)
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self._client = None  # made at the first send: an unusable store must not stop the run from starting
         self.run_id: Optional[str] = None
         self.experiment_id: Optional[str] = None
         self.spool_path = Path(spool_dir) / SPOOL if spool_dir else None
-        self._ops: list[dict] = []
+        self._spool = Spool(self.spool_path)
+        self._lock = threading.RLock()  # _ops and the spool file
+        self._send_lock = threading.Lock()  # one send at a time, in order
+        self._ops: list[dict] = self._spool.load()
         self._on_run_created = on_run_created
+        # on_run_created runs on the caller's thread (it writes run_state.json, which the caller
+        # writes too): a run the worker created is announced at the caller's next call
+        self._owner = threading.current_thread()
+        self._created_due: Optional[str] = None
         self.offline_since: Optional[float] = None
-        if self.spool_path and self.spool_path.exists():
-            self._ops = [json.loads(x) for x in self.spool_path.read_text().splitlines() if x.strip()]
+        self._last_try = 0.0
+        self._sender = BackgroundSender(self._send_later) if background else None
+
+    @property
+    def client(self):
+        """The MlflowClient, connected on first use (raises if the store cannot be opened)."""
+        if self._client is None:
+            self._client = connect(self.uri)
+        return self._client
 
     # -- recording: append operations ------------------------------------------------
     def _add(self, op: dict) -> None:
-        self._ops.append(op)
-        if self.spool_path:
-            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spool_path, "a") as f:
-                f.write(json.dumps(op) + "\n")
+        self._announce()
+        with self._lock:
+            self._ops.append(op)
+            self._spool.append(op, self._ops)
 
     def start(self, run_name: Optional[str], tags: Mapping[str, str], parent_run_id: str | None = None) -> None:
         """Create the run (now if MLflow answers, else at the first flush that reaches it)."""
@@ -86,24 +117,29 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self._add({"op": "create", "name": run_name, "tags": tags})
-        self.flush(upto_step=-1)
+        self._first_flush(upto_step=-1)
 
     def resume(self, run_id: Optional[str], upto_step: int) -> None:
         """Continue a run after a restart. Metrics spooled past the checkpoint we resume from
         are dropped: those steps are about to be recomputed."""
         self.run_id = run_id  # None: the run's creation is still in the spool
-        self._ops = [o for o in self._ops if not (o["op"] == "metrics" and o["step"] > upto_step)]
-        self._rewrite()
+        with self._lock:
+            self._ops = [o for o in self._ops if not (o["op"] == "metrics" and o["step"] > upto_step)]
+            self._spool.rewrite(self._ops)
         self._add({"op": "status", "status": "RUNNING"})
-        self.flush(upto_step=upto_step)
+        self._first_flush(upto_step=upto_step)
 
     def end(self, status: str = "FINISHED", upto_step: Optional[int] = None) -> bool:
         """Send everything (metrics up to `upto_step` if given) and set the status. Returns
         False, leaving the spool for `sync`, if MLflow could not be reached."""
         self._add({"op": "status", "status": status, "end": True})
-        ok = self.flush(upto_step=upto_step)
+        if self._sender is not None:  # the send in flight finishes first; from here on we send ourselves
+            self._sender.close()
+            self._sender = None
+            self._announce()
+        ok = self._send_pending(upto_step)
         if not ok and self.spool_path:
-            print(f"MLflow at {self.uri} is unreachable: {len(self._ops)} records are kept in {self.spool_path}; "
+            print(f"MLflow at {self.uri} is unreachable: {self.pending()} records are kept in {self.spool_path}; "
                   f"send them later with `python -m runner.track.store sync {self.spool_path.parent}`", file=sys.stderr)
         return ok
 
@@ -126,38 +162,43 @@ class Tracker:
 
     # -- sending ----------------------------------------------------------------------
     def pending(self) -> int:
-        return len(self._ops)
-
-    def _rewrite(self) -> None:
-        if self.spool_path:
-            tmp = self.spool_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(o) + "\n" for o in self._ops))
-            os.replace(tmp, self.spool_path)
+        with self._lock:
+            return len(self._ops)
 
     def _experiment(self) -> str:
         if self.experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.experiment, artifact_location=_artifact_root(self.uri))
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        self.experiment, artifact_location=_artifact_root(self.uri))
+                    return self.experiment_id
+                except Exception:  # another process may have created it just now; else the error stands
+                    exp = self.client.get_experiment_by_name(self.experiment)
+                    if exp is None:
+                        raise
+            self.experiment_id = exp.experiment_id
         return self.experiment_id
 
     def _send(self, op: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         kind = op["op"]
         if kind == "create":
             if self.run_id is None:
                 run = self.client.create_run(self._experiment(), run_name=op["name"], tags=op["tags"])
                 self.run_id = run.info.run_id
-                if self._on_run_created:
-                    self._on_run_created(self.run_id)
+                if threading.current_thread() is self._owner:
+                    if self._on_run_created:
+                        self._on_run_created(self.run_id)
+                else:
+                    with self._lock:
+                        self._created_due = self.run_id
             return
         if self.run_id is None:
             raise RuntimeError("tracking operation before the run exists")
         if kind == "metrics":
-            ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["values"].items()]
-            for i in range(0, len(ms), MAX_BATCH):
-                self.client.log_batch(self.run_id, metrics=ms[i:i + MAX_BATCH], synchronous=True)
+            self._send_metrics([op])
         elif kind == "params":
             ps = [Param(k, v) for k, v in op["params"].items()]
             for i in range(0, len(ps), MAX_PARAMS):
@@ -176,38 +217,92 @@ class Tracker:
 
     def flush(self, upto_step: Optional[int] = None) -> bool:
         """Send spooled operations in order; metrics only up to `upto_step` (None: all).
-        Held-back metrics keep their place. Returns False if MLflow could not be reached."""
-        if not self._ops:
-            return True
-        sent: set[int] = set()
-        batch: list[int] = []  # consecutive metric records go out as one log_batch
-        ok = True
-        try:
-            for j, op in enumerate(self._ops):
-                if op["op"] == "metrics":
-                    if upto_step is None or op["step"] <= upto_step:
-                        batch.append(j)
-                    continue
+        Held-back metrics keep their place. Returns False if MLflow could not be reached.
+        With a background sender this only schedules the send, and returns whether MLflow
+        was reachable at the last attempt."""
+        if self._sender is not None:
+            self._announce()
+            self._sender.request(upto_step)
+            return self.offline_since is None
+        return self._send_pending(upto_step)
+
+    def _announce(self) -> None:
+        """Run on_run_created for a run the worker created (on the caller's thread)."""
+        if self._created_due is None:
+            return
+        with self._lock:
+            run_id, self._created_due = self._created_due, None
+        if run_id and self._on_run_created:
+            self._on_run_created(run_id)
+
+    def _first_flush(self, upto_step: Optional[int]) -> None:
+        """At start or resume, even with a background sender, wait for one attempt: a healthy
+        store has the run before the first step (a kill -9 during training finds it there),
+        and a failing one costs one failed attempt (a locked SQLite file: its 5 s busy
+        timeout; one that cannot be opened: ~0.4 s), then the run goes on offline."""
+        if self._sender is None:
+            self._send_pending(upto_step)
+        else:
+            self._last_try = 0.0  # this one is tried whatever happened before
+            self._sender.request(upto_step)
+            self._sender.wait(START_WAIT_S)
+            self._announce()
+
+    def _send_later(self, upto_step: Optional[int]) -> None:
+        """The worker's send: while offline, a request soon after a failed try is dropped
+        (the records stay spooled; the training loop asks again, and end() sends all)."""
+        if self.offline_since is None or time.time() - self._last_try >= OFFLINE_RETRY_S:
+            self._send_pending(upto_step)
+
+    def _send_pending(self, upto_step: Optional[int]) -> bool:
+        with self._send_lock:
+            self._last_try = time.time()
+            with self._lock:
+                ops = list(self._ops)  # records added during the send wait for the next one
+            if not ops:
+                return True
+            sent: list[dict] = []
+            batch: list[dict] = []  # consecutive metric records go out as one log_batch
+            ok = True
+            try:
+                for op in ops:
+                    if op["op"] == "metrics":
+                        if upto_step is None or op["step"] <= upto_step:
+                            batch.append(op)
+                        continue
+                    if batch:
+                        self._send_metrics(batch)
+                        sent += batch
+                        batch = []
+                    self._send(op)
+                    sent.append(op)
                 if batch:
-                    self._send_metrics([self._ops[k] for k in batch])
-                    sent.update(batch)
-                    batch = []
-                self._send(op)
-                sent.add(j)
-            if batch:
-                self._send_metrics([self._ops[k] for k in batch])
-                sent.update(batch)
-        except Exception as e:  # unreachable or failing store: keep what is left, try later
-            ok = False
-            if self.offline_since is None:
-                self.offline_since = time.time()
-                log.warning("MLflow unreachable (%s); buffering on disk and retrying", str(e).splitlines()[0][:200])
-        if ok and self.offline_since is not None:
-            log.warning("MLflow reachable again after %.0f s; buffered records sent", time.time() - self.offline_since)
-            self.offline_since = None
-        self._ops = [op for j, op in enumerate(self._ops) if j not in sent]
-        self._rewrite()
-        return ok and not any(o["op"] != "metrics" for o in self._ops)
+                    self._send_metrics(batch)
+                    sent += batch
+            except Exception as e:  # unreachable, unopenable or locked store: keep what is left, try later
+                ok = False
+                if self.offline_since is None:
+                    self.offline_since = time.time()
+                    self._warn_offline(e)
+            if ok and self.offline_since is not None:
+                log.warning("MLflow reachable again after %.0f s; buffered records sent", time.time() - self.offline_since)
+                self.offline_since = None
+            with self._lock:
+                if sent:
+                    gone = {id(o) for o in sent}
+                    self._ops = [o for o in self._ops if id(o) not in gone]
+                    self._spool.rewrite(self._ops)
+                return ok and not any(o["op"] != "metrics" for o in self._ops)
+
+    def _warn_offline(self, e: Exception) -> None:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if self.spool_path:
+            log.warning("MLflow at %s is unreachable (%s): its records are kept in %s and training goes on; "
+                        "they are retried at each flush, or send them later with "
+                        "`python -m runner.track.store sync %s`", self.uri, why, self.spool_path, self.spool_path.parent)
+        else:
+            log.warning("MLflow at %s is unreachable (%s): records are kept in memory and retried at each flush",
+                        self.uri, why)
 
     def _send_metrics(self, ops: list[dict]) -> None:
         from mlflow.entities import Metric

@@ -1,0 +1,202 @@
+"""The output directory's contract: one process at a time, and a resume that is the same run
+or is refused.
+
+An output dir holds one run: its checkpoints, the resolved config it started with
+(config.yaml), and a record (run_state.json) of the MLflow store and run it logs to and how
+it last ended. Running a command on an existing dir resumes that run, so everything that
+decides the outcome is checked here, before any model loads:
+
+- a second process on the same dir is refused while the first holds its lock (flock: the
+  kernel drops it when the holder dies, even by kill -9);
+- a run that completed is not run again (exit 0, nothing touched);
+- a resolved config that differs from the dir's in anything but the keys in RESUMABLE is
+  refused, naming the differences; so is a different store than the one the run logs to
+  (a relative default store seen from another working directory follows the record);
+- `train.resume=force` resumes anyway (the differences become a tag); `never` moves the
+  dir's run aside into previous/<time>/ and starts a new one. A different model is refused
+  even with force: its checkpoint cannot be loaded into other weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from runner.config import ConfigError
+
+STATE_FILE = "run_state.json"
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".runner.lock"
+SPOOL_FILE = "mlflow_spool.jsonl"
+# Keys that may change between a run and its resume: how long to go on, how often to
+# evaluate/checkpoint, what may be spent, threads. Nothing that changes what a step computes
+# (train.steps does reshape a decaying lr schedule: the change is recorded as a tag).
+RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.final_eval_samples",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.sample_table_rows",
+             "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "budget.",
+             "trainer.num_threads", "tracking.flush_every", "tracking.uri", "output_dir", "objective", "report")
+
+
+class OutputDirError(ConfigError):
+    """A command the output dir's state refuses (exit 2, nothing touched)."""
+
+
+class AlreadyFinished(Exception):
+    """The dir's run completed; the message says where it is (exit 0)."""
+
+
+# -- one process per output dir ----------------------------------------------------------
+_held: dict[Path, Any] = {}
+
+
+def lock(output_dir: Path) -> None:
+    """Hold the dir's lock until `unlock` or the process ends; refuse if another holds it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputDirError(f"output_dir {output_dir} is in use by {holder}; wait for it to end, stop it, "
+                             f"or choose another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    _held[output_dir] = f
+
+
+def unlock(output_dir: Path) -> None:
+    f = _held.pop(output_dir, None)
+    if f is not None:
+        f.seek(0)
+        f.truncate()
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+# -- the record ---------------------------------------------------------------------------
+def read_record(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / STATE_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def update_record(output_dir: Path, **fields: Any) -> None:
+    """Merge fields into run_state.json atomically (a full disk leaves the old record)."""
+    path = output_dir / STATE_FILE
+    data = {**read_record(output_dir), **fields}
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def has_run(output_dir: Path) -> bool:
+    """Whether the dir already belongs to a tracked run (a record, or a spooled creation)."""
+    return (output_dir / STATE_FILE).exists() or (output_dir / SPOOL_FILE).exists()
+
+
+# -- the decision -------------------------------------------------------------------------
+@dataclass
+class Resume:
+    """What this command does with its output dir."""
+
+    action: str  # "fresh" | "resume"
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (was, now), resumable or forced
+    tracking_uri: Optional[str] = None  # the store the run logs to, when the record decides it
+    notes: list[str] = field(default_factory=list)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str) or v is None else str(v)
+
+
+def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional[str], steps: int) -> Resume:
+    """Read the dir and say whether this command starts fresh or resumes; raise
+    OutputDirError (refused) or AlreadyFinished. `tracking_uri` is the command's resolved
+    store, `None` when the user left it to the default."""
+    if not has_run(output_dir) and not (output_dir / "checkpoints").exists():
+        return Resume("fresh")
+    if mode == "never":
+        moved = set_aside(output_dir)
+        return Resume("fresh", notes=[f"train.resume=never: the previous run's files are in {moved}"])
+    record = read_record(output_dir)
+    if (record.get("status") == "FINISHED" and record.get("stop_reason") == "completed"
+            and int(record.get("final_step", -1)) >= steps):
+        raise AlreadyFinished(f"output_dir {output_dir}: this run already finished at step {record['final_step']} "
+                              f"(MLflow run {record.get('run_id')} in {record.get('tracking_uri')}); nothing to do. "
+                              f"Raise train.steps to train further, or use another output_dir.")
+    res = Resume("resume")
+    before_path = output_dir / CONFIG_FILE
+    if before_path.exists():
+        before, now = flatten(yaml.safe_load(before_path.read_text()) or {}), flatten(yaml.safe_load(config_yaml) or {})
+        # keys only one side has come from another version of the schema, not from the user
+        diff = {k: (before[k], now[k]) for k in sorted(set(before) & set(now)) if before[k] != now[k]}
+        model = {k: v for k, v in diff.items() if k.startswith("model.")}
+        if model:
+            raise OutputDirError(f"output_dir {output_dir} holds a run of another model ({_listing(model)}); its "
+                                 f"checkpoint cannot be loaded into these weights: use another output_dir")
+        hard = {k: v for k, v in diff.items() if not _resumable(k)}
+        if hard and mode != "force":
+            raise OutputDirError(f"output_dir {output_dir} holds a run with a different config: {_listing(hard)}. "
+                                 f"Use the original command or another output_dir; train.resume=force resumes "
+                                 f"with the new values, train.resume=never starts a new run here")
+        res.changes = {k: v for k, v in diff.items() if k not in ("tracking.uri", "output_dir")}
+    was = record.get("tracking_uri")
+    if was:
+        if tracking_uri is None:
+            res.tracking_uri = was  # the run's own store, wherever this command runs from
+        elif tracking_uri != was and mode != "force":
+            raise OutputDirError(f"output_dir {output_dir} logs to MLflow at {was}, this command to {tracking_uri}; "
+                                 f"pass tracking.uri={was} (or train.resume=force to continue in a new MLflow run "
+                                 f"in {tracking_uri})")
+    return res
+
+
+def _listing(diff: dict[str, tuple[Any, Any]], most: int = 4) -> str:
+    items = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items()]
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def set_aside(output_dir: Path) -> Path:
+    """Move the dir's run (record, spool, config, checkpoints, artifacts) into previous/<time>/;
+    a rename within one filesystem, so nothing is copied or lost."""
+    dest = output_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=False)
+    for p in list(output_dir.iterdir()):
+        if p.name in ("previous", LOCK_FILE, "runner.log"):
+            continue
+        shutil.move(str(p), str(dest / p.name))
+    return dest

@@ -1,0 +1,264 @@
+"""A resume is the same run or it is refused (issue 18, cases 1-8): faults injected for
+real (kill -9, truncated and corrupted files, a full filesystem, SIGINT), outcomes read back
+from the output dir and through MlflowClient."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+from runner import checkpoint as ckpt
+
+FAST = ["model=tiny", "train.eval_every=0", "train.eval_samples=4", "train.final_eval_samples=8",
+        "rollout.max_new_tokens=5", "algo.group_size=3", "train.prompts_per_step=2", "train.checkpoint_every=2"]
+
+
+def runs(db: Path):
+    c = MlflowClient(f"sqlite:///{db}")
+    exp = c.get_experiment_by_name("runner")
+    return c, (c.search_runs([exp.experiment_id]) if exp else [])
+
+
+def steps(c, run_id, key):
+    return sorted(m.step for m in c.get_metric_history(run_id, key))
+
+
+def snapshot(d: Path, log_too: bool = True) -> dict[str, bytes]:
+    """Every file under d (the lock file aside) and its bytes; refusals after the model has
+    loaded append their reason to runner.log (log_too=False leaves it out)."""
+    skip = {".runner.lock"} | (set() if log_too else {"runner.log"})
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def popen(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A completed 2-step run (store and output dir), shared by the refusal tests."""
+    tmp = tmp_path_factory.mktemp("finished")
+    args = [*FAST, "train.steps=2", f"output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlruns.db'}"]
+    r = run_cli(args, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, args
+
+
+def test_a_finished_run_is_not_run_again(finished):
+    tmp, args = finished
+    before = snapshot(tmp / "out")
+    c, (run,) = runs(tmp / "mlruns.db")
+    n_eval = len(c.get_metric_history(run.info.run_id, "eval/answers/valid_rate"))
+    r = run_cli(args, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "already finished at step 2" in r.stderr and run.info.run_id in r.stderr
+    assert snapshot(tmp / "out") == before
+    assert len(c.get_metric_history(run.info.run_id, "eval/answers/valid_rate")) == n_eval
+
+
+def test_a_changed_config_is_refused_force_resumes_and_records_it(finished, tmp_path):
+    tmp, args = finished
+    before = snapshot(tmp / "out")
+    r = run_cli([*args, "train.steps=4", "algo.lr=1e-3", "shaper=none"], cwd=tmp)
+    assert r.returncode == 2
+    first = r.stderr.strip().splitlines()[0]
+    assert first.startswith("error: output_dir") and "algo.lr 2e-05 -> 0.001" in first and "shaper.name" in first
+    assert "train.resume=force" in first
+    r = run_cli([*args, "train.steps=4", "model=smollm2_135m", "train.resume=force"], cwd=tmp)
+    assert r.returncode == 2 and "another model" in r.stderr.splitlines()[0]
+    r = run_cli([*args, "train.steps=4", f"tracking.uri=sqlite:///{tmp_path / 'other.db'}"], cwd=tmp)
+    assert r.returncode == 2 and "logs to MLflow at" in r.stderr.splitlines()[0]
+    assert snapshot(tmp / "out") == before and not (tmp_path / "other.db").exists()
+
+    r = run_cli([*args, "train.steps=4", "algo.lr=1e-3", "train.resume=force"], cwd=tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c, (run,) = runs(tmp / "mlruns.db")
+    assert "algo.lr: 2e-05 -> 0.001" in run.data.tags["resumed_at_step_2"]
+    assert steps(c, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+
+
+def test_kill_9_after_the_final_checkpoint_does_not_evaluate_twice(tmp_path):
+    args = [*FAST, "train.steps=4", f"output_dir={tmp_path / 'out'}"]
+    final = tmp_path / "out" / "checkpoints" / "ckpt-00000004.pt"
+    p = popen(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not final.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    record = json.loads((tmp_path / "out" / "run_state.json").read_text())
+    assert record.get("status") != "FINISHED", "the kill came after the run ended: the fault was not injected"
+    r = run_cli(args, cwd=tmp_path)  # the same command
+    assert r.returncode == 0, r.stderr[-2000:]
+    c, (run,) = runs(tmp_path / "mlruns.db")
+    assert run.info.status == "FINISHED"
+    for key in ("eval/answers/valid_rate", "eval/samples", "eval/reward_mean"):
+        assert steps(c, run.info.run_id, key) == [4], key
+    assert steps(c, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+    assert (tmp_path / "out" / "artifacts" / "samples.md").exists() or any(
+        a.path == "samples.md" for a in c.list_artifacts(run.info.run_id))
+
+
+def test_no_readable_checkpoint_is_refused_then_never_starts_a_new_run(tmp_path):
+    args = [*FAST, "train.steps=4", f"output_dir={tmp_path / 'out'}"]
+    p = popen(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "out" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ck / "ckpt-00000004.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for f in ck.glob("ckpt-*.pt"):
+        f.write_bytes(f.read_bytes()[:1000])  # both truncated
+    c, (killed,) = runs(tmp_path / "mlruns.db")
+    logged = steps(c, killed.info.run_id, "train/loss")
+    assert logged  # steps reached MLflow: restarting into this run would log them twice
+    before = snapshot(tmp_path / "out", log_too=False)
+
+    r = run_cli([*args, "train.steps=6"], cwd=tmp_path)
+    assert r.returncode == 2
+    first = r.stderr.strip().splitlines()[-1]
+    assert "none is readable" in first and "ckpt-00000004.pt" in first and "train.resume=never" in first
+    assert snapshot(tmp_path / "out", log_too=False) == before
+    assert steps(c, killed.info.run_id, "train/loss") == logged
+
+    r = run_cli([*args, "train.steps=6", "train.resume=never"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (moved,) = (tmp_path / "out" / "previous").iterdir()
+    assert sorted(p.name for p in (moved / "checkpoints").glob("*.pt")) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    _, both = runs(tmp_path / "mlruns.db")
+    new = next(r for r in both if r.info.run_id != killed.info.run_id)
+    assert new.info.status == "FINISHED" and steps(c, new.info.run_id, "train/loss") == list(range(1, 7))
+    assert steps(c, killed.info.run_id, "train/loss") == logged
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted(tmp_path):
+    args = [*FAST, "train.steps=6", f"output_dir={tmp_path / 'out'}"]
+    assert run_cli([*FAST, "train.steps=4", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path).returncode == 0
+    four = tmp_path / "out" / "checkpoints" / "ckpt-00000004.pt"
+    data = torch.load(four, weights_only=False)
+    name = next(k for k, v in data["model"].items() if v.is_floating_point())
+    data["model"][name][0, 0] = float("nan")  # loads fine, would poison training
+    torch.save(data, four)
+    (four.parent / (four.name + ".sha256")).unlink()
+    before = snapshot(tmp_path / "out", log_too=False)
+    # the readable checkpoint (step 2) is older than what MLflow holds (step 4): refused ...
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert "newest readable checkpoint is at step 2" in last and "no .sha256" in last and "3-4 twice" in last
+    assert snapshot(tmp_path / "out", log_too=False) == before
+    # ... unless forced, and then it says so on the run
+    r = run_cli([*args, "train.resume=force"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 2" in (tmp_path / "out" / "runner.log").read_text()
+    c, (run,) = runs(tmp_path / "mlruns.db")
+    assert run.info.status == "FINISHED" and "steps 3-4 are logged twice" in run.data.tags["resumed_at_step_2"]
+    assert all(torch.isfinite(v).all() for v in torch.load(
+        tmp_path / "out" / "checkpoints" / "ckpt-00000006.pt", weights_only=False)["model"].values()
+        if v.is_floating_point())
+
+
+def test_load_latest_skips_non_finite_weights_and_save_tidies_leftovers(tmp_path):
+    good = {"model": {"w": torch.ones(3)}}
+    ckpt.save(tmp_path, 1, good, keep=5)
+    ckpt.save(tmp_path, 2, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}}, keep=5)
+    problems = []
+    assert ckpt.load_latest(tmp_path, problems)["step"] == 1
+    assert problems == ["ckpt-00000002.pt: non-finite weights (w)"]
+    (tmp_path / ".ckpt-00000003.pt.tmp").write_bytes(b"half a file")  # an interrupted save
+    (tmp_path / "ckpt-00000000.pt.sha256").write_text("0" * 64)  # a digest whose checkpoint is gone
+    ckpt.save(tmp_path, 3, good, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000003.pt", "ckpt-00000003.pt.sha256"]
+    digest = hashlib.sha256((tmp_path / "ckpt-00000003.pt").read_bytes()).hexdigest()
+    assert (tmp_path / "ckpt-00000003.pt.sha256").read_text() == digest
+
+
+def test_the_default_store_follows_the_run_from_another_directory(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    out = tmp_path / "out"
+    assert run_cli([*FAST, "train.steps=2", f"output_dir={out}"], cwd=a).returncode == 0
+    r = run_cli([*FAST, "train.steps=4", f"output_dir={out}"], cwd=b)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (b / "mlruns.db").exists()
+    c, (run,) = runs(a / "mlruns.db")
+    assert run.info.status == "FINISHED" and steps(c, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+
+
+def test_a_second_process_on_the_same_output_dir_is_refused(tmp_path):
+    out = tmp_path / "out"
+    args = [*FAST, "train.steps=6", f"output_dir={out}"]
+    p = popen(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "run_state.json").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    t0 = time.time()
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 2 and p.poll() is None, "the first run must still hold the dir"
+    first = r.stderr.strip().splitlines()[0]
+    assert f"is in use by pid {p.pid}" in first, first
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    c, (run,) = runs(tmp_path / "mlruns.db")
+    assert steps(c, run.info.run_id, "train/loss") == list(range(1, 7))
+    assert time.time() - t0 < 300
+
+
+def test_sigint_during_start_up_says_what_exists(tmp_path):
+    out = tmp_path / "out"
+    p = popen([*FAST, "train.steps=4", f"output_dir={out}"], tmp_path, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE)
+    # the output dir's lock names its holder once the command is past validation; importing
+    # torch and transformers and loading the model follow (seconds)
+    lock, deadline = out / ".runner.lock", time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted during start-up, before any step ran" in err
+    assert "checkpoint is kept" not in err and "Traceback" not in err
+    assert not list(out.glob("checkpoints/*.pt"))
+    record = out / "run_state.json"
+    assert not record.exists() or json.loads(record.read_text()).get("status") == "KILLED"
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (the full disk) needs root")
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "100m"):
+        pytest.fail("mount -t tmpfs failed although running as root")
+    try:
+        out = disk / "out"  # two tiny checkpoints (~39 MB each) fit, the third does not
+        args = [*FAST, "train.steps=6", "train.keep_checkpoints=2", f"output_dir={out}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]
+        r = run_cli(args, cwd=tmp_path)
+        assert r.returncode != 0
+        assert "could not write checkpoint" in r.stderr and "the checkpoint at step 4 is kept" in r.stderr
+        assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+        c, (run,) = runs(tmp_path / "mlruns.db")
+        assert run.info.status == "FAILED"
+        assert json.loads((out / "run_state.json").read_text())["status"] == "FAILED"
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)  # space freed
+        r = run_cli(args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        c, (run,) = runs(tmp_path / "mlruns.db")
+        assert run.info.status == "FINISHED" and steps(c, run.info.run_id, "train/loss") == list(range(1, 7))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
