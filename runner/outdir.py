@@ -184,6 +184,30 @@ def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional
     return res
 
 
+def check_loaded(output_dir: Path, state: Optional[dict], problems: list[str], mode: str) -> str:
+    """After the checkpoints were read (the part of the decision that needs them): refuse a
+    resume that would log steps into the MLflow run twice; return the note for a forced one."""
+    written = int(read_record(output_dir).get("checkpoint_step", 0))
+    why = "; ".join(problems)
+    if state is None and written > 0:
+        # starting over would log steps 1..N into the MLflow run a second time
+        raise OutputDirError(
+            f"output_dir {output_dir}: checkpoints up to step {written} were written, none is readable "
+            f"({why or 'none left'}); nothing was changed. train.resume=never keeps these "
+            f"files in previous/ and starts a new run here, or use another output_dir")
+    if state is None or state["step"] >= written:
+        return ""
+    # MLflow holds steps up to `written`: going on from an older checkpoint logs some twice
+    step = state["step"]
+    if mode != "force":
+        raise OutputDirError(
+            f"output_dir {output_dir}: the newest readable checkpoint is at step {step} ({why}), but MLflow "
+            f"holds steps up to {written}: resuming would log steps {step + 1}-{written} twice. "
+            f"train.resume=force does that (tagged on the run), train.resume=never starts a new run here; "
+            f"nothing was changed")
+    return f"fell back from step {written} to {step} ({why}); steps {step + 1}-{written} are logged twice"
+
+
 def _listing(diff: dict[str, tuple[Any, Any]], most: int = 4) -> str:
     items = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items()]
     more = f" (and {len(items) - most} more)" if len(items) > most else ""

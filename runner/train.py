@@ -156,24 +156,7 @@ class Trainer:
         self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref)
         problems: list[str] = []
         state = self.backend.load(self.ckpt_dir, problems)
-        written = int(outdir.read_record(self.output_dir).get("checkpoint_step", 0))
-        if state is None and written > 0:
-            # starting over would log steps 1..N into the MLflow run a second time
-            raise outdir.OutputDirError(
-                f"output_dir {self.output_dir}: checkpoints up to step {written} were written, none is readable "
-                f"({'; '.join(problems) or 'none left'}); nothing was changed. train.resume=never keeps these "
-                f"files in previous/ and starts a new run here, or use another output_dir")
-        self.fell_back = ""
-        if state is not None and state["step"] < written:
-            # MLflow holds steps up to `written`: going on from an older checkpoint logs some twice
-            self.fell_back = (f"fell back from step {written} to {state['step']} ({'; '.join(problems)}); "
-                              f"steps {state['step'] + 1}-{written} are logged twice")
-            if cfg.train.resume != "force":
-                raise outdir.OutputDirError(
-                    f"output_dir {self.output_dir}: the newest readable checkpoint is at step {state['step']} "
-                    f"({'; '.join(problems)}), but MLflow holds steps up to {written}: resuming would log steps "
-                    f"{state['step'] + 1}-{written} twice. train.resume=force does that (tagged on the run), "
-                    f"train.resume=never starts a new run here; nothing was changed")
+        self.fell_back = outdir.check_loaded(self.output_dir, state, problems, cfg.train.resume)
         if state is not None:
             self.step = self.last_ckpt_step = state["step"]
             self.history = History(**state["history"])
