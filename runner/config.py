@@ -122,6 +122,10 @@ class AlgoConfig:
     # The loss's log-probs (ratio, entropy, KL) are of softmax(logits / loss_temperature):
     # 1.0 learns the model itself; ${rollout.temperature} follows the sampler (TRL, verl).
     loss_temperature: float = 1.0
+    # Rollouts sampled by other weights than the training forward (a bfloat16 copy, vLLM): each
+    # token's policy gradient is weighted by min(p_train / p_sampler, is_cap) (truncated importance
+    # sampling, as TRL does for vLLM); null: no correction. Identical weights: never applied.
+    is_cap: Optional[float] = 2.0
     # Train only on this top fraction of tokens by entropy (arXiv 2506.01939); 1.0 = all.
     top_entropy_quantile: float = 1.0
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
@@ -432,7 +436,7 @@ def _is_hub_id(p: str) -> bool:
 
 
 # Floats where inf means "no limit" (a user's right); every other number must be finite.
-INF_MEANS_NO_LIMIT = ("algo.max_grad_norm", "algo.adv_clip", "algo.clip_high", "algo.entropy.coef_max",
+INF_MEANS_NO_LIMIT = ("algo.max_grad_norm", "algo.adv_clip", "algo.is_cap", "algo.clip_high", "algo.entropy.coef_max",
                       "budget.cap_usd", "budget.sweep_cap_usd")
 MIN_TEMPERATURE = 0.01
 MAX_SEED = 2**32 - 1  # numpy's seed range (runner/train.py seeds numpy, random and torch)
@@ -496,6 +500,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(isinstance(a.loss_temperature, (int, float)) and 0.05 <= a.loss_temperature <= 20,
            "algo.loss_temperature", a.loss_temperature,
            "must be a number in [0.05, 20] (1: the model's own log-probs; ${rollout.temperature}: the sampler's)")
+    _check(a.is_cap is None or (isinstance(a.is_cap, (int, float)) and a.is_cap >= 1), "algo.is_cap", a.is_cap,
+           "must be a number >= 1 (the largest importance weight a token gets) or null (no correction)")
     _check(0 < a.top_entropy_quantile <= 1, "algo.top_entropy_quantile", a.top_entropy_quantile,
            "must be in (0, 1] (the fraction of tokens kept, highest entropy first)")
     e = a.entropy

@@ -113,7 +113,8 @@ class Trainer:
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = build_env(cfg.env, cfg.seed)
-        self.rollout = make_rollout(cfg.rollout) if cfg.rollout.name == "hf" else None  # vllm: in setup
+        # the sampler records log-probs at the loss's temperature: the same distribution the loss computes
+        self.rollout = make_rollout(cfg.rollout, cfg.algo.loss_temperature) if cfg.rollout.name == "hf" else None
         if hasattr(self.env, "new_game"):  # multi-turn: the environment answers between turns
             from runner.rollout.multiturn import MultiTurnRollout
 
@@ -175,6 +176,14 @@ class Trainer:
             self.start_vllm()
         else:
             self.rollout_model = self.backend.rollout_model(self.model, cfg.rollout.dtype, self.device)
+        self.learner.rollout_differs = self.rollout_differs()
+
+    def rollout_differs(self) -> bool:
+        """Rollouts sampled by other weights or arithmetic than the training forward's: vLLM,
+        a bfloat16 rollout copy of fp32 training, or bf16 autocast in training (algo.is_cap)."""
+        if self.cfg.rollout.name == "vllm" or self.cfg.trainer.autocast == "bf16":
+            return True
+        return next(self.rollout_model.parameters()).dtype != next(self.backend.compute_model.parameters()).dtype
 
     def start_vllm(self) -> None:
         """A vLLM engine colocated on this rank's GPU, started from the current (maybe

@@ -166,6 +166,7 @@ def policy_loss(
     pg_mask: Optional[torch.Tensor] = None,
     entropy_mask: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
+    is_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss on [B, T] tensors; `mask` marks real completion tokens.
 
@@ -177,7 +178,8 @@ def policy_loss(
     pg_mask (default: mask) selects the tokens that get policy gradient (top-entropy
     training); the others are zeroed but still counted, so masking does not rescale the
     kept tokens' gradients. entropy_mask (default: mask) selects the tokens whose entropy
-    is rewarded (the answer span, say), averaged over those tokens.
+    is rewarded (the answer span, say), averaged over those tokens. is_weight (detached,
+    [B, T]) multiplies each token's policy-gradient term: the rollout correction below.
     loss = pg - entropy_coef * H + kl_coef * KL.
     """
     mask_f = mask.to(logp.dtype)
@@ -200,6 +202,8 @@ def policy_loss(
         per_token = -clipped_ratio.detach() * a * logp
     else:
         raise ValueError(f"algo.clip_mode={cfg.clip_mode!r}: must be ppo or cispo")
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     loss = aggregate(per_token * pg_mask.to(per_token.dtype), mask, cfg.loss_agg, norm)
     ent = aggregate(entropy, entropy_mask, cfg.loss_agg, norm)
     if cfg.entropy_coef:
@@ -226,6 +230,27 @@ def policy_loss(
             "pg_token_frac": (pg_mask.bool() & m).sum() / n,
         })
     return loss, stats
+
+
+def rollout_correction(train_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       cap: Optional[float]) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    """Truncated importance sampling for rollouts sampled by other weights than the ones
+    trained (a bf16 copy, vLLM): per token w = min(p_train / p_sampler, cap) with p_train the
+    training forward before the update (the loss's old policy), so the policy gradient is that
+    of the policy being trained (Yao et al. 2025, "off-policy RL from an efficient framework";
+    TRL's vLLM importance-sampling correction, token level). cap None: no weight. Also returns
+    the sums the mismatch metrics need (over the mask): |delta|, the k3 estimate of
+    KL(sampler || train), tokens, w (the uncapped ratio when cap is None) and capped tokens,
+    with delta = log p_train - log p_sampler."""
+    m = mask.bool()
+    delta = (train_logp.detach() - sampler_logp.to(train_logp.dtype)).masked_fill(~m, 0.0)
+    ratio = torch.exp(delta)
+    k3 = (ratio - 1.0 - delta).masked_fill(~m, 0.0)  # KL(sampler || train), estimated on sampler's tokens
+    weight = None if cap is None else ratio.clamp(max=cap).masked_fill(~m, 1.0)
+    w = ratio if weight is None else weight
+    sums = {"abs_delta": delta.abs().sum().item(), "k3": k3.sum().item(), "tokens": float(m.sum().item()),
+            "weight": w[m].sum().item(), "capped": float(((ratio > cap) & m).sum().item()) if cap is not None else 0.0}
+    return weight, sums
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:

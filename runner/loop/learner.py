@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from runner.algo.loss import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, lr_factor, policy_loss,
-                               top_entropy_mask)
+                               rollout_correction, top_entropy_mask)
 from runner.algo.forward import length_buckets, sequence_logprobs
 from runner.rollout.hf import RolloutBatch, completion_extents, select, span_token_mask, trim_completions
 
@@ -40,6 +40,9 @@ class Learner:
         self.adaptive = AdaptiveEntropy(e.coef, e.target, e.delta, e.coef_min, e.coef_max) if e.adaptive else None
         self.nonfinite_streak = self.nonfinite_total = 0
         self.step = 0
+        # rollouts sampled by other weights than the training forward's (a bf16 copy, vLLM): the
+        # trainer sets it once the rollout model exists; algo.is_cap then corrects them
+        self.rollout_differs = False
 
     def advantages(self, shaped: list[float], batch: RolloutBatch) -> torch.Tensor:
         a = self.cfg.algo
@@ -101,6 +104,9 @@ class Learner:
             with torch.no_grad(), self.autocast():
                 ref_logp = [sequence_logprobs(self.ref_model, mb, shared, temp)[0] for _, mb in micro]
         old_logp: list = [None] * len(micro)
+        is_weight: list = [None] * len(micro)
+        cap = a.is_cap if self.rollout_differs else None
+        mismatch = dict.fromkeys(("abs_delta", "k3", "tokens", "weight", "capped"), 0.0)
         loss_cfg = self.loss_cfg
         out: dict[str, float] = {}
         timing = {"time/forward_s": 0.0, "time/backward_s": 0.0, "time/optimizer_s": 0.0}
@@ -117,6 +123,9 @@ class Learner:
                     logp, ent = sequence_logprobs(bk.compute_model, mb, shared, temp)
                 if old_logp[j] is None:  # the policy that sampled: this first forward, detached
                     old_logp[j] = logp.detach()
+                    if mb.sampler_logprobs is not None:  # what the sampler saw, and the correction
+                        is_weight[j], sums = rollout_correction(old_logp[j], mb.sampler_logprobs, mb_mask, cap)
+                        mismatch = {k: mismatch[k] + sums[k] for k in mismatch}
                     ent_sums[0] += (ent.detach() * mb_mask).sum().item()
                     ent_sums[1] += mb_mask.sum().item()
                     if j == 0:
@@ -126,7 +135,7 @@ class Learner:
                                 out[f"policy/entropy_turn{t + 1}"] = ent.detach()[mb.token_turn == t].mean().item()
                 pg_mask = top_entropy_mask(ent, mb_mask, a.top_entropy_quantile)
                 loss, stats = policy_loss(logp, old_logp[j], adv[idx], mb_mask, ent, loss_cfg, norm, pg_mask=pg_mask,
-                                          entropy_mask=mb_emask, ref_logp=ref_logp[j])
+                                          entropy_mask=mb_emask, ref_logp=ref_logp[j], is_weight=is_weight[j])
                 t1 = time.perf_counter()
                 ok = bk.all_true(bool(torch.isfinite(loss)))
                 if ok:
@@ -160,11 +169,26 @@ class Learner:
         if self.adaptive is not None:
             self.adaptive.update(out["policy/token_entropy"])
             out["train/entropy_coef_next"] = self.adaptive.coef
+        out.update(self._mismatch_metrics(mismatch, cap))
         out["train/adv_abs_mean"] = bk.all_sum([adv.abs().sum().item()])[0] / max(seqs, 1.0)
         out["train/skipped_seq_frac"] = 1.0 - bk.all_sum([kept])[0] / max(seqs, 1.0)
         out["train/nonfinite_total"] = float(self.nonfinite_total)
         out["train/lr"] = lr
         out.update(timing)
+        return out
+
+    def _mismatch_metrics(self, sums: dict[str, float], cap: Optional[float]) -> dict[str, float]:
+        """How far the sampler's log-probs are from the training forward's (all ranks), and
+        what the correction did; nothing when the sampler records no log-probs (`generate`)."""
+        keys = list(sums)
+        tot = dict(zip(keys, self.backend.all_sum([sums[k] for k in keys])))
+        n = tot["tokens"]
+        if not n:
+            return {}
+        out = {"rollout/logp_abs_diff": tot["abs_delta"] / n, "rollout/kl_sampler_train": tot["k3"] / n,
+               "rollout/is_corrected": float(cap is not None)}
+        if cap is not None:
+            out.update({"rollout/is_weight_mean": tot["weight"] / n, "rollout/is_capped_frac": tot["capped"] / n})
         return out
 
     def _entropy_stats(self, ent: torch.Tensor, mask: torch.Tensor, emask: Optional[torch.Tensor],

@@ -27,8 +27,9 @@ class RolloutBatch:
     prompts: list[Prompt]  # one per rollout
     completions: list[str]  # decoded completion text (special tokens dropped)
     finished: list[bool]  # stopped with EOS rather than by the length limit
-    # [B, C] log-probs of the sampled tokens under the untempered policy, from the
-    # sampling loop itself (None from `generate`): a check on the training forward.
+    # [B, C] log-probs of the sampled tokens under softmax(logits / algo.loss_temperature) of
+    # the weights that sampled them, from the sampling loop itself (None from `generate`): what
+    # the training forward is compared with (rollout/mismatch) and corrected by (algo.is_cap)
     sampler_logprobs: Optional[torch.Tensor] = None
     # Multi-turn rollouts (runner/rollout/multiturn.py): the environment's episode state per row, and
     # [B, C] the model turn each completion token belongs to (-1: the environment's tokens).
@@ -72,6 +73,9 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         episodes=[e for b in batches for e in b.episodes] if all(b.episodes is not None for b in batches) else None,
         token_turn=torch.cat([torch.cat([b.token_turn, b.token_turn.new_full((len(b), C - b.token_turn.shape[1]), -1)], 1)
                               for b in batches]) if all(b.token_turn is not None for b in batches) else None,
+        sampler_logprobs=torch.cat([torch.cat([b.sampler_logprobs, b.sampler_logprobs.new_zeros(
+            (len(b), C - b.sampler_logprobs.shape[1]))], 1) for b in batches])
+        if all(b.sampler_logprobs is not None for b in batches) else None,
     )
 
 
@@ -84,6 +88,7 @@ def select(batch: RolloutBatch, rows: Sequence[int]) -> RolloutBatch:
         finished=[batch.finished[i] for i in rows],
         episodes=[batch.episodes[i] for i in rows] if batch.episodes is not None else None,
         token_turn=batch.token_turn[idx] if batch.token_turn is not None else None,
+        sampler_logprobs=batch.sampler_logprobs[idx] if batch.sampler_logprobs is not None else None,
     )
 
 
@@ -187,11 +192,12 @@ class HFRollout:
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
-                 engine: str = "loop"):
+                 engine: str = "loop", logprob_temperature: float = 1.0):
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.engine = engine
+        self.logprob_temperature = logprob_temperature
 
     @torch.no_grad()
     def generate(
@@ -268,7 +274,8 @@ class HFRollout:
             nxt = sample_next(logits, temperature, self.top_p)
             tok = torch.full((n,), pad_id, dtype=nxt.dtype, device=nxt.device)
             tokens.append(tok.index_copy_(0, active, nxt))
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            lt = logits.float() if self.logprob_temperature == 1.0 else logits.float() / self.logprob_temperature
+            lp = torch.log_softmax(lt, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             logps.append(torch.zeros(n, dtype=lp.dtype, device=lp.device).index_copy_(0, active, lp))
             stopped = torch.isin(nxt, eos_t)
             done[active] |= stopped
@@ -287,7 +294,9 @@ class HFRollout:
         return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
-def make_rollout(cfg) -> HFRollout:
+def make_rollout(cfg, logprob_temperature: float = 1.0) -> HFRollout:
+    """logprob_temperature: the temperature of the log-probs the sampler records (the loss's,
+    algo.loss_temperature, so the two are the same distribution whatever the sampling temperature)."""
     if cfg.name == "hf":
-        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine)
+        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine, logprob_temperature)
     raise ValueError(f"rollout.name={cfg.name!r}: must be hf")
