@@ -88,6 +88,11 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
     ledger, parent_id, job = None, None, "0"
     recipe = hc.runtime.choices.get("recipe")
     tags = {"recipe": recipe} if recipe and recipe != "null" else {}
+    overrides = list(hc.overrides.task)
+    tags["overrides"] = (" ".join(overrides) or "(defaults)")[:5000]
+    # appended to <output_dir>/overrides.yaml once the resume checks passed (Trainer.open_tracking):
+    # a refused command leaves the dir as it was
+    tags["_command"] = {"overrides": overrides, "action": resume.action}
     if resume.changes:
         tags["resumed_with"] = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items())[:5000]
     if hc.mode == RunMode.MULTIRUN:
@@ -149,8 +154,8 @@ def check_installed(run_cfg) -> None:
 
     preflight.check_hydra_choices()
     if run_cfg.trainer.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("trainer=deepspeed: the deepspeed package is not installed; "
-                          "pip install '.[deepspeed]' (or use trainer=torch)")
+        raise ConfigError("trainer=deepspeed: the deepspeed package is not installed; it is one of this "
+                          "package's dependencies: `make setup`, or pip install deepspeed==0.19.8 (or use trainer=torch)")
     if run_cfg.rollout.name == "vllm":
         from runner.rollout.vllm import check_available
 
@@ -164,6 +169,7 @@ def skip(run_cfg, parent_id: Optional[str], tags: dict, why: str) -> None:
 
     print(f"skipped by the sweep budget: {why}", file=sys.stderr)
     t = Tracker(run_cfg.tracking.uri, run_cfg.tracking.experiment)
+    tags = {k: v for k, v in tags.items() if k != "_command"}  # nothing ran: the dir's history is untouched
     t.start(f"skipped job {tags['job_num']}", {**tags, "stop_reason": "sweep_budget", "skip_reason": why},
             parent_run_id=parent_id)
     t.end("FINISHED")

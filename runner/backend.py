@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from runner import checkpoint as ckpt
+from runner import lora
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,12 @@ def low_precision_copy(model, dtype: torch.dtype):
 def rollout_copy(model, dtype_name: str, device: str):
     """The weights rollouts sample from: the policy itself when dtypes agree, else a frozen
     low-precision copy kept in sync after every optimizer step (the fp32 policy stays the
-    master for training, evaluation probabilities and checkpoints)."""
+    master for training, evaluation probabilities and checkpoints). A LoRA policy samples
+    from a plain copy with the adapters merged, whatever the dtype: decoding through the
+    adapters' extra products costs more than re-merging the adapted layers after a step."""
     dtype = rollout_dtype(dtype_name, device)
+    if lora.is_lora(model):
+        return lora.merged_copy(model, dtype).eval().requires_grad_(False)
     if dtype == next(model.parameters()).dtype:
         return model
     return low_precision_copy(model, dtype).eval().requires_grad_(False)
@@ -70,8 +75,13 @@ def rollout_copy(model, dtype_name: str, device: str):
 def sync_rollout_weights(rollout_model, model) -> None:
     if rollout_model is model:
         return
+    adapted = lora.is_lora(model)
+    if adapted and not lora.is_lora(rollout_model):  # the merged rollout copy: re-merge the adapted layers
+        lora.sync_merged(rollout_model, model)
+        return
     for r, p in zip(rollout_model.parameters(), model.parameters()):
-        r.copy_(p)
+        if p.requires_grad or not adapted:  # LoRA's frozen base weights never change
+            r.copy_(p)
 
 
 class TorchBackend:
@@ -104,7 +114,8 @@ class TorchBackend:
         return model, opt
 
     def rollout_model(self, model, dtype_name: str, device: str):
-        if self.compute_model is not model and rollout_dtype(dtype_name, device) == torch.bfloat16:
+        if (self.compute_model is not model and rollout_dtype(dtype_name, device) == torch.bfloat16
+                and not lora.is_lora(model)):  # LoRA samples from a merged copy (rollout_copy)
             return self.compute_model
         return rollout_copy(model, dtype_name, device)
 
@@ -190,22 +201,41 @@ class TorchBackend:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, directory: Path, step: int, state: dict, keep: int) -> Path:
-        payload = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "rng": ckpt.rng_state(),
-                   **state}
+        """A LoRA policy's checkpoint holds the adapters (and their optimizer state) alone:
+        the frozen base weights are the model preset's, loaded again on resume."""
+        weights = lora.trainable_state(self.model) if lora.is_lora(self.model) else self.model.state_dict()
+        payload = {"model": weights, "optimizer": self.opt.state_dict(), "rng": ckpt.rng_state(), **state}
         return ckpt.save(directory, step, payload, keep)
 
     def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
         state = ckpt.load_latest(directory, problems)
         if state is None:
             return None
-        self.model.load_state_dict(state["model"])
+        where = f"{directory} (step {state['step']})"
+        if lora.is_lora(self.model):
+            lora.load_trainable(self.model, state["model"], where)
+        elif any(".lora_" in k for k in state["model"]):
+            raise RuntimeError(f"checkpoint {where} holds LoRA adapters, not full weights; resume it with the "
+                               f"run's own model.lora settings, or use another output_dir")
+        else:
+            self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         sync_rollout_weights(self.compute_model, self.model)
         return state
 
     def export_hf(self, model, tokenizer, out: Path) -> Optional[Path]:
-        return None  # the checkpoint's state dict loads straight into the transformers model
+        """Plain Hugging Face weights of the final policy (`save_pretrained` + tokenizer),
+        written beside `out` and renamed into place. A LoRA policy is merged on a copy (the
+        policy, and a resume from its checkpoint, keep the adapters)."""
+        plain = lora.merged_copy(model, next(model.parameters()).dtype) if lora.is_lora(model) else model
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
 
     def close(self) -> None:
         pass
@@ -328,7 +358,7 @@ class DeepSpeedBackend(TorchBackend):
             return
         with self.gathered(model):
             dst = dict(rollout_model.named_parameters())
-            for name, p in model.named_parameters():
+            for name, p in lora.plain_weights(model):  # by the plain model's names, LoRA merged
                 dst[name].copy_(p.data)
 
     def eval_model(self, model, rollout_model):
@@ -453,7 +483,7 @@ class DeepSpeedBackend(TorchBackend):
         with self.gathered(model, modifier_rank=0):
             if self.is_main:
                 fresh = self._fresh_like(model, torch.float32)
-                src = dict(model.named_parameters())
+                src = dict(lora.plain_weights(model))  # LoRA merged
                 with torch.no_grad():
                     for name, p in fresh.named_parameters():
                         p.copy_(src[name].data)

@@ -27,7 +27,7 @@ PROMPT = "roll a dice. output the roll in <answer></answer> tags."
 
 def _settings(a) -> list[str]:
     return ["--model", a.model, "--group", str(a.group), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps),
-            "--seed", str(a.seed), "--threads", str(a.threads), "--device", a.device]
+            "--seed", str(a.seed), "--threads", str(a.threads), "--device", a.device, "--lora-r", str(a.lora_r)]
 
 
 def _peak_rss_gb() -> float:
@@ -35,14 +35,15 @@ def _peak_rss_gb() -> float:
 
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-            rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf"):
+            rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
+    model["lora"] = {"r": lora}
     return validate({
         "seed": a.seed,
         "model": model,
-        "env": {"name": "even_dice"},
+        "env": {"_target_": "envs.dice.DiceEnv", "name": "even_dice", "even_only": True},
         "shaper": {"name": "none"},
         "algo": {"group_size": a.group, "lr": 5e-5},
         "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
@@ -53,13 +54,13 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
 
 
 def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf") -> dict:
+             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0) -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora)
     if rollout == "vllm":
         from runner.rollout.vllm import check_available
 
@@ -203,6 +204,9 @@ SIDES = {
     # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
     "ours_bf16": lambda a: run_ours(a, precision="bf16"),
     "ours_autocast": lambda a: run_ours(a, autocast="bf16"),
+    # LoRA adapters (rank --lora-r, all linear layers) instead of full fine-tuning
+    "ours_lora": lambda a: run_ours(a, lora=a.lora_r),
+    "ours_lora_bf16": lambda a: run_ours(a, precision="bf16", lora=a.lora_r),
     # GPU only (--device cuda, pip install '.[gpu]'): vLLM generation, bf16 training
     "ours_vllm": lambda a: run_ours(a, precision="bf16", rollout="vllm"),
     # the straightforward path: transformers generate, full forward per rollout
@@ -259,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--lora-r", type=int, default=16, help="rank of the ours_lora sides' adapters")
     p.add_argument("--sides", default="ours,ours_bf16,trl", help=f"comma list of {', '.join(SIDES)}")
     a = p.parse_args(argv)
     if a.side:

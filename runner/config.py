@@ -28,6 +28,7 @@ __all__ = [
     "AlgoConfig",
     "ShaperConfig",
     "ModelConfig",
+    "LoRAConfig",
     "RolloutConfig",
     "TrainerConfig",
     "BudgetConfig",
@@ -146,6 +147,20 @@ class ShaperConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on the policy: r > 0 trains only the adapters (the optimizer holds
+    only them, checkpoints hold only them), rollouts sample from a merged copy and the export
+    is merged into plain weights. r=0 (or model.lora=null): full fine-tuning."""
+
+    r: int = 0  # rank of each adapter; 0: off
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input in training passes (0: the sampler's policy exactly)
+    # which modules get adapters: [all-linear] (every linear layer but the LM head), or module
+    # names like [q_proj, v_proj] (each matches a module whose name ends with it)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2_135m"
     # gguf: dequantise a GGUF shipped in a PyPI package; tiny: random init from `tiny`;
@@ -163,6 +178,8 @@ class ModelConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    # LoRA instead of full fine-tuning: python -m runner model.lora.r=16 (see LoRAConfig)
+    lora: Optional[LoRAConfig] = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -225,7 +242,6 @@ class TrainerConfig:
     # local: each group lives on one rank (prompts split over ranks); gather: each group's
     # rollouts are spread over ranks and gathered before shaping and advantages.
     group_placement: str = "local"
-    export_hf: bool = True  # plain Hugging Face weights in <output_dir>/hf_model at the end
     cpu_shm_comm: bool = False  # DeepSpeed's compiled CPU all-reduce (~80 s to build once)
 
 
@@ -250,6 +266,12 @@ class TrackingConfig:
     experiment: str = "runner"
     run_name: Optional[str] = None
     flush_every: int = 10
+    # Every N steps, that step's completions (prompt, completion, reward, shaped reward, answer,
+    # advantage) are appended to the run's `completions.json` table (MLflow's table format); 0: off.
+    samples_every: int = 10
+    # MLflow's system metrics (CPU, memory, disk, network, GPU where present) every N seconds.
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
 
 
 @dataclass
@@ -275,6 +297,9 @@ class TrainConfig:
     # An existing output_dir: auto resumes it if the config and store match (else refuses),
     # force resumes it with this command's values, never moves its run into previous/ and starts anew.
     resume: str = "auto"
+    # Plain Hugging Face weights (save_pretrained + tokenizer) in <output_dir>/hf_model at the end,
+    # LoRA merged in; both trainers (the MLflow tag hf_model names the directory).
+    export: bool = True
 
 
 @dataclass
@@ -398,6 +423,9 @@ def _build(cls: type, node: Any, prefix: str) -> Any:
             kwargs[name] = _env(node[name])
         elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, node[name], key)
+        elif get_origin(tp) is Union and any(dataclasses.is_dataclass(a) for a in get_args(tp)):
+            inner = next(a for a in get_args(tp) if dataclasses.is_dataclass(a))  # Optional[<dataclass>]
+            kwargs[name] = None if node[name] is None else _build(inner, node[name], key)
         else:
             kwargs[name] = _coerce(key, node[name], tp)
     return cls(**kwargs)
@@ -537,6 +565,8 @@ def _check_ranges(c: RunConfig) -> None:
                "must be divisible by model.num_attention_heads")
         _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
                m.num_key_value_heads, "must divide model.num_attention_heads")
+    if m.lora is not None:
+        _check_lora(c)
 
     r = c.rollout
     _one_of("rollout.name", r.name, ROLLOUT_NAMES)
@@ -595,6 +625,9 @@ def _check_ranges(c: RunConfig) -> None:
     _check(bool(c.tracking.experiment.strip()), "tracking.experiment", c.tracking.experiment,
            "must be a non-empty MLflow experiment name (e.g. runner)")
     _check(c.tracking.flush_every >= 1, "tracking.flush_every", c.tracking.flush_every, "must be >= 1")
+    _check(c.tracking.samples_every >= 0, "tracking.samples_every", c.tracking.samples_every, "must be >= 0 (0: off)")
+    _check(c.tracking.system_metrics_interval >= 1, "tracking.system_metrics_interval",
+           c.tracking.system_metrics_interval, "must be >= 1 (seconds between samples)")
 
     t = c.train
     _check(t.steps >= 1, "train.steps", t.steps, "must be an integer >= 1")
@@ -611,6 +644,21 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
+
+
+def _check_lora(c: RunConfig) -> None:
+    lo = c.model.lora
+    _check(lo.r >= 0, "model.lora.r", lo.r, "must be an integer >= 0 (the adapters' rank; 0: off, full fine-tuning)")
+    _check(lo.alpha > 0, "model.lora.alpha", lo.alpha, "must be > 0 (the update is scaled by alpha / r)")
+    _check(0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "must be in [0, 1)")
+    tm = lo.target_modules
+    _check(bool(tm) and all(x.strip() for x in tm) and ("all-linear" not in tm or len(tm) == 1),
+           "model.lora.target_modules", tm,
+           "must be [all-linear] or a non-empty list of module names like [q_proj, v_proj]")
+    if lo.r > 0:
+        _check(c.rollout.name == "hf", "model.lora.r", lo.r,
+               f"LoRA needs rollout=hf (rollout={c.rollout.name} is handed whole weights by name); "
+               f"use rollout=hf or model.lora.r=0")
 
 
 def _check_shaper(sh: ShaperConfig) -> None:
@@ -668,6 +716,11 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raw = dict(cfg)
     raw.pop("hydra", None)
     raw.setdefault("env", DEFAULT_ENV)
+    if isinstance(raw.get("trainer"), dict) and "export_hf" in raw["trainer"]:
+        # the config.yaml of a run made before train.export replaced trainer.export_hf (issue 19)
+        raw["trainer"] = dict(raw["trainer"])
+        old = raw["trainer"].pop("export_hf")
+        raw["train"] = {"export": old, **(raw.get("train") or {})}
     run = _build(RunConfig, raw, "")
     if run.model.path:  # model.path=... on any preset: load those weights instead
         run.model.source = "pretrained"

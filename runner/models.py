@@ -139,7 +139,8 @@ def build_tiny(cfg: Any, tokenizer):
 
 
 def load_policy(cfg: Any, device: str = "cpu"):
-    """(model, tokenizer) for a validated ModelConfig, in train mode on `device`."""
+    """(model, tokenizer) for a validated ModelConfig, in train mode on `device`; with
+    model.lora.r > 0 the model is a peft wrapper whose adapters alone are trainable."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -150,6 +151,10 @@ def load_policy(cfg: Any, device: str = "cpu"):
     else:
         model = AutoModelForCausalLM.from_pretrained(weights_location(cfg), dtype=dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
+    from runner import lora
+
+    if lora.enabled(cfg):
+        model = lora.apply(model, cfg.lora)
     model.to(device)
     model.train()
     return model, tok

@@ -42,8 +42,9 @@ SPOOL_FILE = "mlflow_spool.jsonl"
 # (train.steps does reshape a decaying lr schedule: the change is recorded as a tag).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.final_eval_samples",
              "train.checkpoint_every", "train.keep_checkpoints", "train.sample_table_rows",
-             "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "budget.",
-             "trainer.num_threads", "tracking.flush_every", "tracking.uri", "output_dir", "objective", "report")
+             "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export", "budget.",
+             "trainer.num_threads", "tracking.flush_every", "tracking.samples_every",
+             "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "output_dir", "objective", "report")
 
 
 class OutputDirError(ConfigError):
@@ -212,6 +213,23 @@ def _listing(diff: dict[str, tuple[Any, Any]], most: int = 4) -> str:
     items = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items()]
     more = f" (and {len(items) - most} more)" if len(items) > most else ""
     return ", ".join(items[:most]) + more
+
+
+OVERRIDES_FILE = "overrides.yaml"
+
+
+def record_command(output_dir: Path, overrides: list[str], action: str) -> Path:
+    """Append this command's overrides to the dir's history of commands (overrides.yaml): what
+    started the run and what each resume changed on the command line (Hydra's own
+    .hydra/overrides.yaml is off: a refused start would overwrite it)."""
+    path = output_dir / OVERRIDES_FILE
+    history = yaml.safe_load(path.read_text()) if path.exists() else None
+    history = history if isinstance(history, list) else []
+    history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "action": action, "overrides": list(overrides)})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(history, sort_keys=False))
+    os.replace(tmp, path)
+    return path
 
 
 def set_aside(output_dir: Path) -> Path:

@@ -32,6 +32,7 @@ from runner.loop.step_metrics import record, step_metrics
 from runner.models import load_policy
 from runner.plugins import build_env
 from runner.rollout.hf import RolloutBatch, make_rollout
+from runner.track import completions
 from runner.track.store import Tracker
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ class Trainer:
         a = cfg.algo
         # frozen copy of the starting policy, before any checkpoint is loaded
         ref = copy.deepcopy(model).eval().requires_grad_(False) if a.kl.coef > 0 else None
-        opt = make_adamw(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
-                         weight_decay=a.weight_decay)
+        # the trainable parameters only: with model.lora.r > 0, the adapters
+        opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=a.lr,
+                         betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay)
         self.model, self.opt = self.backend.wrap(model, opt)
         self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref)
         problems: list[str] = []
@@ -197,7 +199,8 @@ class Trainer:
                 self.tok.save_pretrained(weights)
         self.rollout_model = self.model  # generation happens inside vLLM
         self.rollout = self.eval_rollout = VLLMRollout(self.cfg.rollout, str(weights), self.tok,
-                                                       self.cfg.seed + self.backend.rank)
+                                                       self.cfg.seed + self.backend.rank,
+                                                       logprob_temperature=self.cfg.algo.loss_temperature)
         self.push_weights(force=True)
 
     def push_weights(self, force: bool = False) -> None:
@@ -229,6 +232,9 @@ class Trainer:
         prior = outdir.read_record(self.output_dir)
         extra_tags = dict(extra_tags or {})
         resumed_with = extra_tags.pop("resumed_with", None)  # what a resume changed (runner.outdir)
+        command = extra_tags.pop("_command", None)  # this command's overrides, for the dir's history
+        if command:
+            outdir.record_command(self.output_dir, command["overrides"], command["action"])
 
         def remember(run_id: str) -> None:
             outdir.update_record(self.output_dir, run_id=run_id, tracking_uri=self.tracker.uri,
@@ -240,6 +246,8 @@ class Trainer:
         if same_store and (prior.get("run_id") or spooled_create):
             self.tracker.resume(prior.get("run_id"), upto_step=self.step)
             self.tracker.log_text(config_yaml, f"config/resumed_at_step_{self.step}.yaml")
+            self.log_overrides()
+            self.start_system_metrics(resumed=True)
             note = "; ".join(x for x in (resumed_with, self.fell_back) if x)
             if note:
                 self.tracker.set_tags({f"resumed_at_step_{self.step}": note})
@@ -258,6 +266,21 @@ class Trainer:
         self.tracker.start(name, tags, parent_run_id=parent_run_id)
         self.tracker.log_params(flatten(to_dict(cfg)))
         self.tracker.log_text(config_yaml, "config/config.yaml")
+        self.log_overrides()
+        if cfg.tracking.samples_every:
+            self.tracker.set_tags(dict([completions.LOGGED_ARTIFACTS_TAG]))
+        self.start_system_metrics(resumed=False)
+
+    def log_overrides(self) -> None:
+        """The dir's command history (runner.outdir.record_command), as config/overrides.yaml."""
+        path = self.output_dir / outdir.OVERRIDES_FILE
+        if path.exists():
+            self.tracker.log_artifact(path, "config")
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        t = self.cfg.tracking
+        if t.system_metrics and not self.tracker.start_system_metrics(t.system_metrics_interval, resumed):
+            log.info("system metrics: not started (the MLflow run is not in the store yet)")
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -281,6 +304,7 @@ class Trainer:
             train_m = self.update(batch, torch.zeros(len(batch)).to(self.device), scores)
         else:
             adv = self.learner.advantages(c.shaped, c.batch)
+            self.log_completions(c, adv)
             train_m = self.update(c.batch, adv.to(self.device), c.scores)
         t_end = time.perf_counter()
         out = step_metrics(bk.gather_objects(record(c, bk.rank, self.env)), cfg, self.env, self.evaluator,
@@ -294,6 +318,15 @@ class Trainer:
                 "tokens/generated_total": float(self.generated_tokens),
                 "errors/reward_total": bk.all_sum([self.collector.reward_errors])[0],
                 **probs, **train_m}
+
+    def log_completions(self, c, adv: torch.Tensor) -> None:
+        """Every tracking.samples_every steps: this step's rollouts into the completions table."""
+        every = self.cfg.tracking.samples_every
+        if not every or self.step % every or not self.backend.is_main or self.tracker is None:
+            return
+        path = completions.append(self.output_dir / completions.TABLE, self.step,
+                                  completions.rows(self.step, c.batch, c.scores, c.shaped, adv.tolist()))
+        self.tracker.log_artifact(path)
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list) -> dict[str, float]:
         """One update of the policy from a batch and its advantages (the learner's)."""
@@ -418,9 +451,10 @@ class Trainer:
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)
         self.save_checkpoint()
-        if self.cfg.trainer.name == "deepspeed" and self.cfg.trainer.export_hf:
+        if self.cfg.train.export:  # plain HF weights (LoRA merged), both trainers
             hf = self.backend.export_hf(self.model, self.tok, self.output_dir / "hf_model")
-            self.tracker.set_tags({"hf_model": str(hf)})
+            if hf is not None:
+                self.tracker.set_tags({"hf_model": str(hf)})
         if not self.backend.is_main:
             return
         if reason == "budget":

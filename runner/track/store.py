@@ -96,6 +96,7 @@ class Tracker:
         self.offline_since: Optional[float] = None
         self._last_try = 0.0
         self._sender = BackgroundSender(self._send_later) if background else None
+        self._system = None  # MLflow's system-metrics monitor, where started (runner.track.system)
 
     @property
     def client(self):
@@ -129,9 +130,21 @@ class Tracker:
         self._add({"op": "status", "status": "RUNNING"})
         self._first_flush(upto_step=upto_step)
 
+    def start_system_metrics(self, interval: float, resumed: bool) -> bool:
+        """MLflow's system metrics on this run until end(); needs the run to exist in the store."""
+        from runner.track.system import start_monitor
+
+        if self.run_id is not None and self._system is None:
+            self._system = start_monitor(self.uri, self.run_id, interval, resumed)
+        return self._system is not None
+
     def end(self, status: str = "FINISHED", upto_step: Optional[int] = None) -> bool:
         """Send everything (metrics up to `upto_step` if given) and set the status. Returns
         False, leaving the spool for `sync`, if MLflow could not be reached."""
+        from runner.track.system import stop_monitor
+
+        stop_monitor(self._system)  # before the status changes: its last samples land in a running run
+        self._system = None
         self._add({"op": "status", "status": status, "end": True})
         if self._sender is not None:  # the send in flight finishes first; from here on we send ourselves
             self._sender.close()
