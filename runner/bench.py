@@ -26,7 +26,8 @@ PROMPT = "roll a dice. output the roll in <answer></answer> tags."
 
 
 def _settings(a) -> list[str]:
-    return ["--model", a.model, "--group", str(a.group), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps),
+    return ["--model", a.model, "--group", str(a.group), "--prompts", str(a.prompts), "--new-tokens", str(a.new_tokens),
+            "--steps", str(a.steps),
             "--seed", str(a.seed), "--threads", str(a.threads), "--device", a.device, "--lora-r", str(a.lora_r)]
 
 
@@ -49,7 +50,7 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
                     "autocast": autocast, "precision": precision},
-        "train": {"prompts_per_step": 1},
+        "train": {"prompts_per_step": a.prompts},
     })
 
 
@@ -74,7 +75,8 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
         steps.append({
             "generate": m["time/generate_s"], "forward": m.get("time/forward_s", 0.0),
             "backward": m.get("time/backward_s", 0.0), "optimizer": m.get("time/optimizer_s", 0.0),
-            "step": m["time/step_s"], "tokens": m["completion/mean_length"] * a.group,
+            "step": m["time/step_s"], "tokens": m["completion/mean_length"] * a.group * a.prompts,
+            "decode_steps": m["completion/max_length"], "skipped": m.get("train/skipped_seq_frac", 0.0),
             "reward": m["reward/raw_mean"],
         })
     for s in steps:
@@ -139,11 +141,11 @@ def run_trl(a, bf16: bool = False) -> dict:
 
     args = GRPOConfig(
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl-bench"), num_generations=a.group,
-        per_device_train_batch_size=a.group, max_completion_length=a.new_tokens, max_steps=a.steps,
+        per_device_train_batch_size=a.group * a.prompts, max_completion_length=a.new_tokens, max_steps=a.steps,
         learning_rate=5e-5, temperature=1.0, beta=0.0, logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=a.device == "cpu", bf16=bf16, seed=a.seed, top_k=0, disable_tqdm=True,
     )
-    ds = Dataset.from_dict({"prompt": [text] * (a.steps * a.group)})
+    ds = Dataset.from_dict({"prompt": [text] * (a.steps * a.group * a.prompts)})
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
     model.generate = timed("generate", model.generate)
@@ -151,6 +153,25 @@ def run_trl(a, bf16: bool = False) -> dict:
     trainer.train()
     # TRL's forward (old/ref log-probs and the loss forward) is inside score+other here
     return {"steps": steps, "rss_gb": _peak_rss_gb()}
+
+
+def cpu_description() -> str:
+    """The CPU model and the features that decide which fast paths exist (bf16 dot products,
+    AMX tiles): the figures are only comparable between CPUs of one kind."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, features: {' '.join(feats) or 'none of avx2/avx512/bf16/amx'}"
 
 
 def matmul_gflops(threads: int | None) -> dict:
@@ -241,15 +262,76 @@ def _spawn(side: str, a) -> dict:
 PHASES = ["generate", "forward", "backward", "optimizer", "score+other", "step"]
 
 
-def summarise(res: dict, group: int) -> dict:
+def summarise(res: dict, rows: int) -> dict:
     steps = res["steps"][1:] or res["steps"]  # first step is warm-up
     out = {k: statistics.mean(s.get(k, 0.0) for s in steps) for k in PHASES}
     out["steps_per_s"] = 1 / out["step"]
     toks = [s.get("tokens") for s in steps if s.get("tokens") is not None]
     out["gen_tokens_per_s"] = (statistics.mean(toks) / out["generate"]) if toks else float("nan")
-    out["new_tokens"] = statistics.mean(toks) / group if toks else float("nan")
+    out["new_tokens"] = statistics.mean(toks) / rows if toks else float("nan")
+    dec = [s["decode_steps"] for s in steps if s.get("decode_steps") is not None]
+    out["decode_steps"] = statistics.mean(dec) if dec else float("nan")
+    out["skipped_seq_frac"] = statistics.mean(s.get("skipped", 0.0) for s in steps)
     out["rss_gb"] = res["rss_gb"]
     return out
+
+
+def bench_shape(a, sides: list[str]) -> tuple[dict[str, list[dict]], dict]:
+    """Every side at a's shape (--group x --prompts), `repeats` times, sides alternating."""
+    print(f"bench: model={a.model} G={a.group} x {a.prompts} prompts new_tokens={a.new_tokens} steps={a.steps} "
+          f"(first is warm-up) repeats={a.repeats} threads={a.threads} device={a.device}", flush=True)
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    meta: dict = {}
+    for r in range(a.repeats):
+        for s in sides:
+            res = _spawn(s, a)
+            if "n_params" in res and not meta:  # the limit lines describe the first side
+                meta = res
+            runs[s].append(summarise(res, a.group * a.prompts))
+            print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step  "
+                  f"(OpenMP wait policy: {res.get('omp_wait_policy')})", flush=True)
+    print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
+    for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "decode_steps", "skipped_seq_frac", "rss_gb"]:
+        print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))
+    for base in ("trl", "trl_bf16"):
+        if base not in sides:
+            continue
+        for s in sides:
+            if s.startswith("trl"):
+                continue
+            ratios = sorted(t["step"] / o["step"] for o, t in zip(runs[s], runs[base]))
+            rss = statistics.median(x["rss_gb"] for x in runs[s]) / statistics.median(x["rss_gb"] for x in runs[base])
+            print(f"\nspeed-up {s} vs {base} ({base} s/step / ours): min {ratios[0]:.2f}x  median "
+                  f"{statistics.median(ratios):.2f}x  max {ratios[-1]:.2f}x")
+            print(f"peak RSS {s}/{base}: {rss:.2f}")
+    return runs, meta
+
+
+def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
+    """How far `side` is from this machine's compute and bandwidth floors at a's shape."""
+    g = matmul_gflops(a.threads)
+    rows = a.group * a.prompts
+    new_tokens = statistics.median(x["new_tokens"] for x in runs)
+    fl = step_flops(meta["n_params"], meta["prompt_len"] * a.prompts, rows, new_tokens)
+    peak = g["square_1024"]
+    print(f"\nmatmul throughput here: {g['square_1024']:.1f} GFLOP/s (1024^3 fp32), "
+          f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped 6x576 @ 576x49152)")
+    print(f"limit (FLOPs / {peak:.0f} GFLOP/s, {meta['n_params'] / 1e6:.1f}M params, prompt {meta['prompt_len']} tokens "
+          f"x {a.prompts}, {new_tokens:.1f} new tokens (mean) x {rows}):")
+    for k, f in fl.items():
+        got = statistics.median(x[k] for x in runs)
+        lim = f / peak / 1e9
+        print(f"  {k:<10} limit {lim:.3f} s   {side} {got:.3f} s   ({got / lim:.1f}x the limit)")
+    # decoding reads every weight once per decode step, and the batch decodes until its
+    # longest row ends (finished rows leave it, the weights are read all the same)
+    bw = read_gbs(a.threads)
+    wbytes = meta["n_params"] * meta.get("rollout_bytes", 2)
+    dec = statistics.median(x["decode_steps"] for x in runs)
+    lim = wbytes * dec / bw / 1e9
+    got = statistics.median(x["generate"] for x in runs)
+    print(f"  generate   bandwidth limit {lim:.3f} s ({wbytes / 1e6:.0f} MB of rollout weights read per decode "
+          f"step x {dec:.1f} decode steps (the longest completion) at {bw:.1f} GB/s measured)   {side} {got:.3f} s   "
+          f"({got / lim:.1f}x)")
 
 
 def main(argv=None) -> int:
@@ -257,6 +339,10 @@ def main(argv=None) -> int:
     p.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
     p.add_argument("--group", type=int, default=6)
+    p.add_argument("--prompts", type=int, default=1, help="groups (distinct prompts) per step")
+    p.add_argument("--shapes", default=None,
+                   help="GxP,GxP,...: run every side at each group size x prompts and print each shape's "
+                        "step time against the first's (e.g. 6x2,48x1: 4x the rollouts in one group)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
@@ -270,53 +356,28 @@ def main(argv=None) -> int:
         child(a)
         return 0
     sides = a.sides.split(",")
-    print(f"bench: model={a.model} G={a.group} new_tokens={a.new_tokens} steps={a.steps} (first is warm-up) "
-          f"repeats={a.repeats} threads={a.threads} device={a.device}", flush=True)
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    meta = {}
-    for r in range(a.repeats):
-        for s in sides:
-            res = _spawn(s, a)
-            if "n_params" in res and not meta:  # the limit lines describe the first side
-                meta = res
-            runs[s].append(summarise(res, a.group))
-            print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step  "
-                  f"(OpenMP wait policy: {res.get('omp_wait_policy')})", flush=True)
-    print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
-    for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "rss_gb"]:
-        print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))
-    for base in ("trl", "trl_bf16"):
-        if base not in sides:
-            continue
-        for s in sides:
-            if s.startswith("trl"):
-                continue
-            ratios = sorted(t["step"] / o["step"] for o, t in zip(runs[s], runs[base]))
-            rss = statistics.median(x["rss_gb"] for x in runs[s]) / statistics.median(x["rss_gb"] for x in runs[base])
-            print(f"\nspeed-up {s} vs {base} ({base} s/step / ours): min {ratios[0]:.2f}x  median "
-                  f"{statistics.median(ratios):.2f}x  max {ratios[-1]:.2f}x")
-            print(f"peak RSS {s}/{base}: {rss:.2f}")
-    if meta:
-        g = matmul_gflops(a.threads)
-        ours = runs[sides[0]]
-        new_tokens = statistics.median(x["new_tokens"] for x in ours)
-        fl = step_flops(meta["n_params"], meta["prompt_len"], a.group, new_tokens)
-        peak = g["square_1024"]
-        print(f"\nmatmul throughput here: {g['square_1024']:.1f} GFLOP/s (1024^3 fp32), "
-              f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped 6x576 @ 576x49152)")
-        print(f"limit (FLOPs / {peak:.0f} GFLOP/s, {meta['n_params'] / 1e6:.1f}M params, prompt {meta['prompt_len']} tokens, "
-              f"{new_tokens:.1f} new tokens (mean) x {a.group}):")
-        for k, f in fl.items():
-            got = statistics.median(x[k] for x in ours)
-            lim = f / peak / 1e9
-            print(f"  {k:<10} limit {lim:.3f} s   {sides[0]} {got:.3f} s   ({got / lim:.1f}x the limit)")
-        # decoding a few rows reads every weight once per token: a bandwidth floor as well
-        bw = read_gbs(a.threads)
-        wbytes = meta["n_params"] * meta.get("rollout_bytes", 2)
-        lim = wbytes * new_tokens / bw / 1e9
-        got = statistics.median(x["generate"] for x in ours)
-        print(f"  generate   bandwidth limit {lim:.3f} s ({wbytes / 1e6:.0f} MB of rollout weights read per decode "
-              f"step x {new_tokens:.1f} steps at {bw:.1f} GB/s measured)   {sides[0]} {got:.3f} s   ({got / lim:.1f}x)")
+    print(f"cpu: {cpu_description()}", flush=True)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")] if a.shapes else [(a.group, a.prompts)]
+    results = []
+    for g, n in shapes:
+        a.group, a.prompts = g, n
+        runs, meta = bench_shape(a, sides)
+        results.append(runs)
+        if meta:
+            print_limits(a, runs[sides[0]], meta, sides[0])
+        print()
+    if len(shapes) > 1:
+        (g0, n0), first = shapes[0], results[0]
+        for (g, n), runs in zip(shapes[1:], results[1:]):
+            for s in sides:
+                def ratio(k: str) -> float:
+                    base = statistics.median(x[k] for x in first[s])
+                    return statistics.median(x[k] for x in runs[s]) / base if base else float("nan")
+
+                cost = {k: ratio(k) for k in ("step", "generate", "forward", "backward")}  # TRL times no forward
+                print(f"{s}: a step at G={g} x {n} ({g * n} rollouts) costs {cost['step']:.2f}x one at G={g0} x {n0} "
+                      f"({g0 * n0} rollouts; {g * n / (g0 * n0):.0f}x the rollouts): generate {cost['generate']:.2f}x, "
+                      f"forward {cost['forward']:.2f}x, backward {cost['backward']:.2f}x")
     return 0
 
 

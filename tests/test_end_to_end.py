@@ -56,6 +56,11 @@ def test_run_logs_config_metrics_and_artifacts(trained):
                 "groups/distinct_rewarded_mean", "groups/multi_rewarded_frac", "shaper/effective_group_frac",
                 "policy/prob/min_rewarded", "policy/prob/rewarded_mass", "policy/prob/2", "train/skipped_seq_frac"]:
         assert steps_of(c, run.info.run_id, key) == [1, 2, 3], key
+    # the decode steps a batch took: its longest completion, never shorter than the mean
+    longest = [m.value for m in c.get_metric_history(run.info.run_id, "completion/max_length")]
+    mean_len = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "completion/mean_length")}
+    assert len(longest) == 3 and all(1 <= v <= 8 and v == int(v) for v in longest)
+    assert all(m.value >= mean_len[m.step] for m in c.get_metric_history(run.info.run_id, "completion/max_length"))
     # the main job's linear lr decay (algo=grpo_wide): 2e-5 x (1, 2/3, 1/3) over 3 steps
     lrs = [v for _, v in sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/lr"))]
     assert lrs == pytest.approx([2e-5, 2e-5 * 2 / 3, 2e-5 / 3])

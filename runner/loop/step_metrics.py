@@ -57,6 +57,8 @@ def step_metrics(recs: list[dict], cfg, env, evaluator, local_groups: bool) -> S
         "reward/shaped_mean": sum(shaped_all) / len(shaped_all),
         "format/exact_rate": sum(exact) / len(exact),
         "completion/mean_length": sum(lengths) / len(lengths),
+        # the decode steps a batch took: it decodes until its longest row ends
+        "completion/max_length": float(max(lengths)),
         "completion/finished_rate": sum(finished) / len(finished),
         "groups/zero_variance_frac": zero_var,
         "groups/dropped": float(sum(r["dropped"] for r in recs)),
