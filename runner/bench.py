@@ -27,7 +27,7 @@ PROMPT = "roll a dice. output the roll in <answer></answer> tags."
 
 def _settings(a) -> list[str]:
     return ["--model", a.model, "--group", str(a.group), "--prompts", str(a.prompts), "--new-tokens", str(a.new_tokens),
-            "--steps", str(a.steps),
+            "--steps", str(a.steps), "--contend-after", str(a.contend_after), "--wait-policy", a.wait_policy,
             "--seed", str(a.seed), "--threads", str(a.threads), "--device", a.device, "--lora-r", str(a.lora_r)]
 
 
@@ -69,7 +69,10 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
     t = Trainer(cfg, Path(tempfile.mkdtemp()))
     t.setup()
     steps = []
+    rival = None
     for i in range(a.steps):
+        if a.contend_after and i == a.contend_after:  # load that appears mid-run
+            rival = subprocess.Popen([sys.executable, "-c", RIVAL])
         t.step += 1
         m = t.train_step()
         steps.append({
@@ -77,8 +80,11 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
             "backward": m.get("time/backward_s", 0.0), "optimizer": m.get("time/optimizer_s", 0.0),
             "step": m["time/step_s"], "tokens": m["completion/mean_length"] * a.group * a.prompts,
             "decode_steps": m["completion/max_length"], "skipped": m.get("train/skipped_seq_frac", 0.0),
-            "reward": m["reward/raw_mean"],
+            "reward": m["reward/raw_mean"], "contended": rival is not None,
         })
+    if rival is not None:
+        rival.kill()
+        rival.wait()
     for s in steps:
         s["score+other"] = s["step"] - s["generate"] - s["forward"] - s["backward"] - s["optimizer"]
     from runner.rollout.hf import render
@@ -87,6 +93,10 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
     prompt_len = len(t.tok(render(t.tok, t.env.prompts(0, 1)[0]), add_special_tokens=False)["input_ids"])
     return {"steps": steps, "rss_gb": _peak_rss_gb(), "n_params": n_params, "prompt_len": prompt_len,
             "rollout_bytes": next(t.rollout_model.parameters()).element_size()}
+
+
+# a second job on the machine: one thread of matmuls, as a one-thread training job would be
+RIVAL = "import torch\ntorch.set_num_threads(1)\nx = torch.randn(512, 512)\nwhile True:\n    x @ x"
 
 
 def run_trl(a, bf16: bool = False) -> dict:
@@ -251,6 +261,8 @@ def _spawn(side: str, a) -> dict:
     # both sides get this process's environment: each child then picks the same OpenMP wait
     # policy (runner/host.py; spinning on an idle machine) unless the caller set one
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if a.wait_policy != "auto":  # fixed for the comparison of policies under load
+        env["OMP_WAIT_POLICY"] = {"spin": "ACTIVE", "passive": "PASSIVE"}[a.wait_policy]
     p = subprocess.run([sys.executable, "-m", "runner.bench", "--side", side, *_settings(a)], env=env,
                        capture_output=True, text=True)
     for line in p.stdout.splitlines():
@@ -273,6 +285,10 @@ def summarise(res: dict, rows: int) -> dict:
     out["decode_steps"] = statistics.mean(dec) if dec else float("nan")
     out["skipped_seq_frac"] = statistics.mean(s.get("skipped", 0.0) for s in steps)
     out["rss_gb"] = res["rss_gb"]
+    alone = [s["step"] for s in steps if not s.get("contended")]
+    loaded = [s["step"] for s in steps if s.get("contended")]
+    out["step_alone"] = statistics.mean(alone) if alone else float("nan")
+    out["step_contended"] = statistics.mean(loaded) if loaded else float("nan")
     return out
 
 
@@ -291,7 +307,8 @@ def bench_shape(a, sides: list[str]) -> tuple[dict[str, list[dict]], dict]:
             print(f"  repeat {r + 1} {s:>14}: {runs[s][-1]['step']:.2f} s/step  "
                   f"(OpenMP wait policy: {res.get('omp_wait_policy')})", flush=True)
     print(f"\n{'phase (s/step)':<18}" + "".join(f"{s:>16}" for s in sides))
-    for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "decode_steps", "skipped_seq_frac", "rss_gb"]:
+    extra = ["step_alone", "step_contended"] if a.contend_after else []
+    for k in PHASES + ["steps_per_s", "gen_tokens_per_s", "decode_steps", "skipped_seq_frac", "rss_gb", *extra]:
         print(f"{k:<18}" + "".join(f"{statistics.median(x[k] for x in runs[s]):>16.3f}" for s in sides))
     for base in ("trl", "trl_bf16"):
         if base not in sides:
@@ -350,6 +367,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--lora-r", type=int, default=16, help="rank of the ours_lora sides' adapters")
+    p.add_argument("--contend-after", type=int, default=0,
+                   help="start a second job (one busy thread) after this many steps: how each OpenMP "
+                        "policy copes with load that appears mid-run (step_alone / step_contended)")
+    p.add_argument("--wait-policy", default="auto", choices=["auto", "spin", "passive"],
+                   help="OpenMP wait policy of the sides: auto (runner/host.py decides at start), spin, passive")
     p.add_argument("--sides", default="ours,ours_bf16,trl", help=f"comma list of {', '.join(SIDES)}")
     a = p.parse_args(argv)
     if a.side:
