@@ -101,13 +101,20 @@ def update_record(output_dir: Path, **fields: Any) -> None:
     """Merge fields into run_state.json atomically (a full disk leaves the old record)."""
     path = output_dir / STATE_FILE
     data = {**read_record(output_dir), **fields}
-    tmp = path.with_suffix(".tmp")
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write beside `path` and rename into place: a crash or a full disk leaves the old file
+    (and no temporary behind)."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
 def has_run(output_dir: Path) -> bool:
@@ -226,10 +233,7 @@ def record_command(output_dir: Path, overrides: list[str], action: str) -> Path:
     history = yaml.safe_load(path.read_text()) if path.exists() else None
     history = history if isinstance(history, list) else []
     history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "action": action, "overrides": list(overrides)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(history, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(history, sort_keys=False))
 
 
 def set_aside(output_dir: Path) -> Path:

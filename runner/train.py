@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,10 +19,10 @@ from typing import Any, Optional
 
 import torch
 
-from runner import host, outdir
+from runner import outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.budget import CostMeter, SweepLedger
-from runner.config import RunConfig, flatten, to_dict
+from runner.config import RunConfig
 from runner.loop.collector import Collector
 from runner.loop.evaluator import Evaluator
 from runner.loop.learner import Learner, NonFiniteError  # noqa: F401  (raised through run())
@@ -33,6 +32,7 @@ from runner.models import load_policy
 from runner.plugins import build_env
 from runner.rollout.hf import RolloutBatch, make_rollout
 from runner.track import completions
+from runner.track.run_start import open_run
 from runner.track.store import Tracker
 
 log = logging.getLogger(__name__)
@@ -222,65 +222,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def open_tracking(self, config_yaml: str, parent_run_id: Optional[str] = None,
-                      extra_tags: Optional[dict[str, str]] = None) -> None:
-        """A new MLflow run, or the same run again when this output dir has one (its id is
-        in run_state.json, or, if MLflow was down so far, its creation is still spooled)."""
-        cfg = self.cfg
+                      extra_tags: Optional[dict[str, str]] = None, command: Optional[dict] = None) -> None:
+        """The MLflow run of this output dir, new or resumed (runner.track.run_start)."""
         if not self.backend.is_main:
             self.tracker = NullTracker()
             return
-        prior = outdir.read_record(self.output_dir)
-        extra_tags = dict(extra_tags or {})
-        resumed_with = extra_tags.pop("resumed_with", None)  # what a resume changed (runner.outdir)
-        command = extra_tags.pop("_command", None)  # this command's overrides, for the dir's history
-        if command:
-            outdir.record_command(self.output_dir, command["overrides"], command["action"])
-
-        def remember(run_id: str) -> None:
-            outdir.update_record(self.output_dir, run_id=run_id, tracking_uri=self.tracker.uri,
-                                 experiment=cfg.tracking.experiment)
-
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, self.output_dir, on_run_created=remember, background=True)
-        same_store = prior.get("tracking_uri") in (None, self.tracker.uri)
-        spooled_create = any(o["op"] == "create" for o in self.tracker._ops)
-        if same_store and (prior.get("run_id") or spooled_create):
-            self.tracker.resume(prior.get("run_id"), upto_step=self.step)
-            self.tracker.log_text(config_yaml, f"config/resumed_at_step_{self.step}.yaml")
-            self.log_overrides()
-            self.start_system_metrics(resumed=True)
-            note = "; ".join(x for x in (resumed_with, self.fell_back) if x)
-            if note:
-                self.tracker.set_tags({f"resumed_at_step_{self.step}": note})
-            return
-        tags = {
-            "env": cfg.env.name,
-            "algo": cfg.algo.name,
-            "shaper": cfg.shaper.name,
-            "model": cfg.model.name,
-            "output_dir": str(self.output_dir),
-            "omp_wait_policy": f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})",
-            "malloc": host.POLICY.get("malloc", ""),
-            **extra_tags,
-        }
-        name = cfg.tracking.run_name or f"{cfg.env.name}-{cfg.algo.name}-{cfg.shaper.name}-s{cfg.seed}"
-        self.tracker.start(name, tags, parent_run_id=parent_run_id)
-        self.tracker.log_params(flatten(to_dict(cfg)))
-        self.tracker.log_text(config_yaml, "config/config.yaml")
-        self.log_overrides()
-        if cfg.tracking.samples_every:
-            self.tracker.set_tags(dict([completions.LOGGED_ARTIFACTS_TAG]))
-        self.start_system_metrics(resumed=False)
-
-    def log_overrides(self) -> None:
-        """The dir's command history (runner.outdir.record_command), as config/overrides.yaml."""
-        path = self.output_dir / outdir.OVERRIDES_FILE
-        if path.exists():
-            self.tracker.log_artifact(path, "config")
-
-    def start_system_metrics(self, resumed: bool) -> None:
-        t = self.cfg.tracking
-        if t.system_metrics and not self.tracker.start_system_metrics(t.system_metrics_interval, resumed):
-            log.info("system metrics: not started (the MLflow run is not in the store yet)")
+        self.tracker = open_run(self.cfg, self.output_dir, self.step, config_yaml, parent_run_id, extra_tags,
+                                command, self.fell_back)
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -530,7 +478,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None,
         ledger: Optional[SweepLedger] = None, job_id: str = "0", parent_run_id: Optional[str] = None,
-        extra_tags: Optional[dict[str, str]] = None) -> Trainer:
+        extra_tags: Optional[dict[str, str]] = None, command: Optional[dict] = None) -> Trainer:
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
     that says how it ended: FINISHED (completed, cost or token budget), KILLED (signal) or FAILED,
     and the same in the output dir's record (runner.outdir)."""
@@ -547,7 +495,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             trainer.estimate = estimate(trainer)
             trainer.stop_reason = "estimate"
             return trainer
-        trainer.open_tracking(config_yaml, parent_run_id, extra_tags)
+        trainer.open_tracking(config_yaml, parent_run_id, extra_tags, command)
     except KeyboardInterrupt:
         if trainer is not None and trainer.tracker is not None:
             trainer.tracker.end("KILLED", upto_step=trainer.last_ckpt_step)

@@ -10,7 +10,6 @@ abandoned branch)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +44,7 @@ def read(path: Path) -> list[list]:
 def append(path: Path, step: int, new_rows: list[list]) -> Path:
     """Rows of steps before `step`, then the new ones; written whole and renamed into place,
     so a crash mid-write leaves the previous table."""
+    from runner.outdir import write_text_atomic
+
     kept = [r for r in read(path) if r[0] < step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"columns": COLUMNS, "data": kept + new_rows}))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps({"columns": COLUMNS, "data": kept + new_rows}))
