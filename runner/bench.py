@@ -351,13 +351,24 @@ def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
           f"({got / lim:.1f}x)")
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes 6x2,48x1 -> [(6, 2), (48, 1)]: group size x prompts, each >= 1."""
+    try:
+        shapes = [tuple(int(x) for x in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be GxP[,GxP...] with integers >= 1, e.g. 6x2,48x1")
+    return shapes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
     p.add_argument("--group", type=int, default=6)
     p.add_argument("--prompts", type=int, default=1, help="groups (distinct prompts) per step")
-    p.add_argument("--shapes", default=None,
+    p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="GxP,GxP,...: run every side at each group size x prompts and print each shape's "
                         "step time against the first's (e.g. 6x2,48x1: 4x the rollouts in one group)")
     p.add_argument("--new-tokens", type=int, default=24)
@@ -379,7 +390,7 @@ def main(argv=None) -> int:
         return 0
     sides = a.sides.split(",")
     print(f"cpu: {cpu_description()}", flush=True)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")] if a.shapes else [(a.group, a.prompts)]
+    shapes = a.shapes or [(a.group, a.prompts)]
     results = []
     for g, n in shapes:
         a.group, a.prompts = g, n
