@@ -92,7 +92,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
     tags["overrides"] = (" ".join(overrides) or "(defaults)")[:5000]
     # appended to <output_dir>/overrides.yaml once the resume checks passed (Trainer.open_tracking):
     # a refused command leaves the dir as it was
-    command = {"overrides": overrides, "action": resume.action}
+    invocation = {"overrides": overrides, "action": resume.action}
     if resume.changes:
         tags["resumed_with"] = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items())[:5000]
     if hc.mode == RunMode.MULTIRUN:
@@ -115,7 +115,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
 
         ledger_info = {"path": str(ledger.path), "cap_usd": ledger.cap_usd} if ledger is not None else None
         result = launch(run_cfg, output_dir, config_yaml, started_at=started_at, job_id=job,
-                        parent_run_id=parent_id, extra_tags=tags, ledger=ledger_info, command=command)
+                        parent_run_id=parent_id, extra_tags=tags, ledger=ledger_info, invocation=invocation)
         if result["returncode"] != 0:
             print(f"DeepSpeed workers exited with {result['returncode']} "
                   f"(stop reason: {result.get('stop_reason', 'unknown')}); the same command resumes from the "
@@ -126,7 +126,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
     from runner.train import CLEAN_EXIT_REASONS, Interrupted, NonFiniteError, run
 
     try:
-        trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags, command)
+        trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags, invocation)
     except Interrupted as e:
         print(e.message, file=sys.stderr)
         sys.exit(130)

@@ -56,14 +56,14 @@ def command(cfg: RunConfig, job_file: Path, port: int) -> list[str]:
 
 def launch(cfg: RunConfig, output_dir: Path, config_yaml: str, *, started_at: Optional[float] = None,
            job_id: str = "0", parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None,
-           ledger: Optional[dict] = None, command: Optional[dict] = None) -> dict[str, Any]:
+           ledger: Optional[dict] = None, invocation: Optional[dict] = None) -> dict[str, Any]:
     """Run the job in worker processes; returns rank 0's result (stop_reason, step, metrics)."""
     launch_dir = output_dir / "launch"
     launch_dir.mkdir(parents=True, exist_ok=True)
     result_path = launch_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
     job = {"config_yaml": config_yaml, "output_dir": str(output_dir), "job_id": job_id,
-           "parent_run_id": parent_run_id, "extra_tags": extra_tags or {}, "ledger": ledger, "command": command,
+           "parent_run_id": parent_run_id, "extra_tags": extra_tags or {}, "ledger": ledger, "invocation": invocation,
            "started_at": started_at or time.time()}
     job_file = launch_dir / JOB_FILE
     job_file.write_text(json.dumps(job, indent=2))
@@ -118,7 +118,7 @@ def worker(job_file: Path) -> int:
     status: dict[str, Any] = {}
     try:
         trainer = run(cfg, output_dir, job["config_yaml"], meter, ledger, job["job_id"],
-                      job.get("parent_run_id"), job.get("extra_tags"), job.get("command"))
+                      job.get("parent_run_id"), job.get("extra_tags"), job.get("invocation"))
         status = {"stop_reason": trainer.stop_reason, "step": trainer.step,
                   "objective": trainer.final_metrics.get(cfg.objective, math.nan),
                   "estimate": getattr(trainer, "estimate", None)}

@@ -222,13 +222,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def open_tracking(self, config_yaml: str, parent_run_id: Optional[str] = None,
-                      extra_tags: Optional[dict[str, str]] = None, command: Optional[dict] = None) -> None:
+                      extra_tags: Optional[dict[str, str]] = None, invocation: Optional[dict] = None) -> None:
         """The MLflow run of this output dir, new or resumed (runner.track.run_start)."""
         if not self.backend.is_main:
             self.tracker = NullTracker()
             return
         self.tracker = open_run(self.cfg, self.output_dir, self.step, config_yaml, parent_run_id, extra_tags,
-                                command, self.fell_back)
+                                invocation, self.fell_back)
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -478,7 +478,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[CostMeter] = None,
         ledger: Optional[SweepLedger] = None, job_id: str = "0", parent_run_id: Optional[str] = None,
-        extra_tags: Optional[dict[str, str]] = None, command: Optional[dict] = None) -> Trainer:
+        extra_tags: Optional[dict[str, str]] = None, invocation: Optional[dict] = None) -> Trainer:
     """Train from scratch or resume from `output_dir`. Leaves the MLflow run with a status
     that says how it ended: FINISHED (completed, cost or token budget), KILLED (signal) or FAILED,
     and the same in the output dir's record (runner.outdir)."""
@@ -495,7 +495,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             trainer.estimate = estimate(trainer)
             trainer.stop_reason = "estimate"
             return trainer
-        trainer.open_tracking(config_yaml, parent_run_id, extra_tags, command)
+        trainer.open_tracking(config_yaml, parent_run_id, extra_tags, invocation)
     except KeyboardInterrupt:
         if trainer is not None and trainer.tracker is not None:
             trainer.tracker.end("KILLED", upto_step=trainer.last_ckpt_step)

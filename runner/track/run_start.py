@@ -20,16 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def open_run(cfg, output_dir: Path, step: int, config_yaml: str, parent_run_id: Optional[str] = None,
-             extra_tags: Optional[dict[str, str]] = None, command: Optional[dict] = None,
+             extra_tags: Optional[dict[str, str]] = None, invocation: Optional[dict] = None,
              fell_back: str = "") -> Tracker:
-    """The tracker of this output dir's run, started or resumed at `step`. `command` (this
+    """The tracker of this output dir's run, started or resumed at `step`. `invocation` (this
     command's overrides and resume action) is appended to the dir's history first: by now the
     resume checks have passed. `fell_back`: why an older checkpoint was resumed, if one was."""
     prior = outdir.read_record(output_dir)
     extra_tags = dict(extra_tags or {})
     resumed_with = extra_tags.pop("resumed_with", None)  # what a resume changed (runner.outdir)
-    if command:
-        outdir.record_command(output_dir, command["overrides"], command["action"])
+    if invocation:
+        outdir.record_command(output_dir, invocation["overrides"], invocation["action"])
 
     def remember(run_id: str) -> None:
         outdir.update_record(output_dir, run_id=run_id, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment)
