@@ -200,12 +200,15 @@ class TorchBackend:
         return grad_norm, False
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Path:
-        """A LoRA policy's checkpoint holds the adapters (and their optimizer state) alone:
-        the frozen base weights are the model preset's, loaded again on resume."""
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> Callable[[], Path]:
+        """Serialize a checkpoint; returns its commit (fsync, digest, rename, pruning), which
+        the caller may run on another thread (runner/loop/saver.py). A LoRA policy's
+        checkpoint holds the adapters (and their optimizer state) alone: the frozen base
+        weights are the model preset's, loaded again on resume."""
         weights = lora.trainable_state(self.model) if lora.is_lora(self.model) else self.model.state_dict()
         payload = {"model": weights, "optimizer": self.opt.state_dict(), "rng": ckpt.rng_state(), **state}
-        return ckpt.save(directory, step, payload, keep)
+        staged = ckpt.write(directory, step, payload)
+        return lambda: staged.commit(keep)
 
     def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
         state = ckpt.load_latest(directory, problems)
@@ -434,7 +437,7 @@ class DeepSpeedBackend(TorchBackend):
         return norm, True
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Path:
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> Callable[[], Path]:
         """DeepSpeed's own save (every rank writes its shards), plus each rank's RNG streams;
         a tag counts as complete only once rank 0 has written COMPLETE after all ranks
         finished, so a crash mid-save leaves the previous tag in charge."""
@@ -452,7 +455,7 @@ class DeepSpeedBackend(TorchBackend):
             for old in complete_tags(root)[:-keep]:
                 shutil.rmtree(root / old, ignore_errors=True)
         self.barrier()
-        return root / tag
+        return lambda: root / tag  # complete on every rank already: nothing left to commit
 
     def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
         problems = [] if problems is None else problems

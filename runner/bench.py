@@ -95,6 +95,13 @@ def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str 
             "rollout_bytes": next(t.rollout_model.parameters()).element_size()}
 
 
+def wait_policy(value: str) -> str:
+    """--wait-policy: auto, spin, passive or a whole number of spins (GOMP_SPINCOUNT)."""
+    if value in ("auto", "spin", "passive") or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: use auto, spin, passive or a spin count (a whole number >= 0)")
+
+
 # a second job on the machine: one thread of matmuls, as a one-thread training job would be
 RIVAL = "import torch\ntorch.set_num_threads(1)\nx = torch.randn(512, 512)\nwhile True:\n    x @ x"
 
@@ -253,7 +260,8 @@ def child(a) -> None:
 
     host.configure()  # before torch loads, as `python -m runner` does
     res = SIDES[a.side](a)
-    res["omp_wait_policy"] = f"{host.POLICY.get('omp_wait_policy')} ({host.POLICY.get('why')})"
+    spins = f", GOMP_SPINCOUNT={host.POLICY['gomp_spincount']}" if "gomp_spincount" in host.POLICY else ""
+    res["omp_wait_policy"] = f"{host.POLICY.get('omp_wait_policy')}{spins} ({host.POLICY.get('why')})"
     print("BENCH_JSON " + json.dumps(res))
 
 
@@ -261,7 +269,9 @@ def _spawn(side: str, a) -> dict:
     # both sides get this process's environment: each child then picks the same OpenMP wait
     # policy (runner/host.py; spinning on an idle machine) unless the caller set one
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if a.wait_policy != "auto":  # fixed for the comparison of policies under load
+    if a.wait_policy.isdigit():  # a spin count: spin that long, then sleep
+        env["GOMP_SPINCOUNT"] = a.wait_policy
+    elif a.wait_policy != "auto":  # fixed for the comparison of policies under load
         env["OMP_WAIT_POLICY"] = {"spin": "ACTIVE", "passive": "PASSIVE"}[a.wait_policy]
     p = subprocess.run([sys.executable, "-m", "runner.bench", "--side", side, *_settings(a)], env=env,
                        capture_output=True, text=True)
@@ -381,8 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--contend-after", type=int, default=0,
                    help="start a second job (one busy thread) after this many steps: how each OpenMP "
                         "policy copes with load that appears mid-run (step_alone / step_contended)")
-    p.add_argument("--wait-policy", default="auto", choices=["auto", "spin", "passive"],
-                   help="OpenMP wait policy of the sides: auto (runner/host.py decides at start), spin, passive")
+    p.add_argument("--wait-policy", default="auto", type=wait_policy,
+                   help="OpenMP wait policy of the sides: auto (runner/host.py decides at start), spin, passive, "
+                        "or a number: GOMP_SPINCOUNT, spins before a waiting thread sleeps")
     p.add_argument("--sides", default="ours,ours_bf16,trl", help=f"comma list of {', '.join(SIDES)}")
     a = p.parse_args(argv)
     if a.side:

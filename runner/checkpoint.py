@@ -1,7 +1,7 @@
 """Checkpoints: policy weights, optimizer, step, RNG streams and run state, written atomically.
 
-A checkpoint is written to a temporary file, fsynced, its SHA-256 put in a sidecar file,
-and only then renamed into place: a file under a real name always has its digest, so a
+A checkpoint is written to a temporary file (its SHA-256 computed on the way), fsynced,
+the digest put in a sidecar file, and only then renamed into place: a file under a real name always has its digest, so a
 crash mid-write never leaves a half file that looks complete. Loading walks back from the
 newest and skips (with a warning) any file that is corrupt, truncated, unloadable, has no
 digest to check, or holds non-finite weights, so one bad file costs at most
@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,36 +59,92 @@ def checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+class _Digesting:
+    """The file torch.save writes through: each block is hashed as it goes by, so the
+    digest costs no second read of a file the size of the model and its optimizer."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@dataclass
+class Staged:
+    """A checkpoint serialized under its temporary name, not yet durable: `commit` makes it
+    so (fsync, digest sidecar, rename, pruning). The two halves are apart so the commit,
+    which mostly waits for the disk, can run beside the next training step."""
+
+    directory: Path
+    step: int
+    tmp: Path
+    digest: str
+
+    @property
+    def final(self) -> Path:
+        return self.directory / f"ckpt-{self.step:08d}.pt"
+
+    def commit(self, keep: int) -> Path:
+        side_tmp = self.final.with_name(f".{self.final.name}.sha256.tmp")
+        try:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            side_tmp.write_text(self.digest)
+            os.replace(side_tmp, _sidecar(self.final))
+            os.replace(self.tmp, self.final)
+        except BaseException as e:
+            self.tmp.unlink(missing_ok=True)
+            side_tmp.unlink(missing_ok=True)
+            raise _write_error(e, self.directory, self.final, self.step)
+        for _, old in checkpoints(self.directory)[:-keep]:
+            old.unlink(missing_ok=True)
+            _sidecar(old).unlink(missing_ok=True)
+        return self.final
+
+
+def write(directory: Path, step: int, payload: dict[str, Any]) -> Staged:
+    """Serialize a checkpoint to its temporary file, digesting it on the way."""
     directory.mkdir(parents=True, exist_ok=True)
     _tidy(directory)
-    final = directory / f"ckpt-{step:08d}.pt"
     tmp = directory / f".ckpt-{step:08d}.pt.tmp"
-    side_tmp = final.with_name(f".{final.name}.sha256.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({**payload, "step": step}, f)
+            out = _Digesting(f)
+            torch.save({**payload, "step": step}, out)
             f.flush()
-            os.fsync(f.fileno())
-        side_tmp.write_text(_sha256(tmp))
-        os.replace(side_tmp, _sidecar(final))
-        os.replace(tmp, final)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            kept = [s for s, _ in checkpoints(directory) if s != step]
-            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-            free = shutil.disk_usage(directory).free / 2**20
-            raise CheckpointWriteError(
-                f"could not write checkpoint {final} ({why}; {free:.0f} MiB free there); "
-                f"{f'the checkpoint at step {kept[-1]} is kept' if kept else 'no earlier checkpoint exists'}; "
-                f"free space and run the same command to resume") from e
-        raise
-    for _, old in checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-        _sidecar(old).unlink(missing_ok=True)
-    return final
+        raise _write_error(e, directory, directory / f"ckpt-{step:08d}.pt", step)
+    return Staged(directory, step, tmp, out.h.hexdigest())
+
+
+def save(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """Write and commit a checkpoint in one go."""
+    return write(directory, step, payload).commit(keep)
+
+
+def _write_error(e: BaseException, directory: Path, final: Path, step: int) -> BaseException:
+    """A failed write as CheckpointWriteError naming what is kept (a full disk, a failing
+    device; torch.save reports a full disk as a RuntimeError); other errors pass as they are."""
+    if not isinstance(e, (OSError, RuntimeError)) or isinstance(e, CheckpointWriteError):
+        return e
+    kept = [s for s, _ in checkpoints(directory) if s != step]
+    why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    free = shutil.disk_usage(directory).free / 2**20
+    err = CheckpointWriteError(
+        f"could not write checkpoint {final} ({why}; {free:.0f} MiB free there); "
+        f"{f'the checkpoint at step {kept[-1]} is kept' if kept else 'no earlier checkpoint exists'}; "
+        f"free space and run the same command to resume")
+    err.__cause__ = e
+    return err
 
 
 def _tidy(directory: Path) -> None:

@@ -10,9 +10,20 @@ anything else wants the cores. Measured on 2 cores (SmolLM2-135M, G=6, one train
     default (spinning)    2.9 s          8.6 s
     PASSIVE               3.9 s          4.5 s
 
-So: spin when the cores are free at start, sleep when they are not, and always let the
-user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT win. Jobs that share cores by design (the
-test suite, several workers on one CPU node) set PASSIVE themselves.
+So: sleep when the cores are busy at start. When they are free, spin only briefly
+(GOMP_SPINCOUNT=1000, a few microseconds, where libgomp's default 300000 spins for
+milliseconds): the policy cannot change once torch has loaded, and load may appear later.
+Measured on 2 cores of an AMD EPYC (G=6 x 2 prompts, a one-thread rival started after step
+5; three runs each, `python -m runner.bench --contend-after 5 --wait-policy ...`):
+
+    policy                alone (s/step)        after the rival started
+    libgomp default       8.9 / 7.8 / 8.9       21.9 / 19.8 / 21.2
+    PASSIVE               8.2 / 8.5 / 7.6       12.4 / 12.4 / 11.3
+    GOMP_SPINCOUNT=1000   7.9 / 7.9 / 7.7       13.8 / 12.3 / 12.8
+    GOMP_SPINCOUNT=10000  7.6                   20.6
+
+The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT always win. Jobs that share cores by design
+(the test suite, several workers on one CPU node) set PASSIVE themselves.
 
 Freed memory is kept for reuse (glibc mallopt): by default glibc gives every large freed
 block back to the kernel, so each step's gradients and activations (~800 MB for the
@@ -31,6 +42,9 @@ import time
 POLICY: dict[str, str] = {}
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+# spins before a waiting OpenMP thread sleeps, on cores free at start (libgomp's default:
+# 300000, tens of milliseconds; a few microseconds with 1000); see the module docstring
+SPINCOUNT = "1000"
 
 
 def keep_freed_memory() -> str:
@@ -81,6 +95,8 @@ def choose(seconds: float = 0.1, busy_threshold: float = 0.5) -> dict[str, str]:
     """Set OMP_WAIT_POLICY=PASSIVE when other work holds the CPUs, else leave spinning on."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         POLICY.update(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"), why="set in the environment")
+        if "GOMP_SPINCOUNT" in os.environ:
+            POLICY["gomp_spincount"] = os.environ["GOMP_SPINCOUNT"]
         return POLICY
     if "torch" in sys.modules:
         POLICY.update(omp_wait_policy="default", why="torch was imported before runner")
@@ -93,5 +109,7 @@ def choose(seconds: float = 0.1, busy_threshold: float = 0.5) -> dict[str, str]:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         POLICY.update(omp_wait_policy="PASSIVE", why=f"{busy:.1f} cores busy at start")
     else:
-        POLICY.update(omp_wait_policy="default", why=f"{busy:.1f} cores busy at start")
+        # free cores: spin briefly between ops, then sleep, in case load appears later
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        POLICY.update(omp_wait_policy="default", gomp_spincount=SPINCOUNT, why=f"{busy:.1f} cores busy at start")
     return POLICY

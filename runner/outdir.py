@@ -41,7 +41,7 @@ SPOOL_FILE = "mlflow_spool.jsonl"
 # evaluate/checkpoint, what may be spent, threads. Nothing that changes what a step computes
 # (train.steps does reshape a decaying lr schedule: the change is recorded as a tag).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.final_eval_samples",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.sample_table_rows",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.background_commit", "train.sample_table_rows",
              "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export", "budget.",
              "trainer.num_threads", "tracking.flush_every", "tracking.samples_every",
              "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "output_dir", "objective", "report")

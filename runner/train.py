@@ -27,6 +27,7 @@ from runner.loop.collector import Collector
 from runner.loop.evaluator import Evaluator
 from runner.loop.learner import Learner, NonFiniteError  # noqa: F401  (raised through run())
 from runner.loop.outputs import log_artifacts, summary
+from runner.loop.saver import Saver
 from runner.loop.step_metrics import record, step_metrics
 from runner.models import load_policy
 from runner.plugins import build_env
@@ -109,7 +110,6 @@ class Trainer:
         self.cfg = cfg
         self.ledger, self.job_id = ledger, job_id
         self.save_seconds = 0.0  # the last periodic checkpoint's save time (budget projection)
-        self.last_ckpt_step = 0
         self.generated_tokens = 0  # rollout tokens sampled so far (FR3E base trajectories included)
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
@@ -133,6 +133,7 @@ class Trainer:
         self.final_metrics: dict[str, float] = {}
         self.backend = make_backend(cfg)
         self.collector = Collector(cfg, self.env, self.backend, output_dir)
+        self.saver = Saver(self.backend.save, self.ckpt_dir, cfg.train.keep_checkpoints, self.checkpoint_durable)
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -161,7 +162,7 @@ class Trainer:
         state = self.backend.load(self.ckpt_dir, problems)
         self.fell_back = outdir.check_loaded(self.output_dir, state, problems, cfg.train.resume)
         if state is not None:
-            self.step = self.last_ckpt_step = state["step"]
+            self.step = self.saver.last_step = state["step"]
             self.history = History(**state["history"])
             self.meter.carry(state.get("wall_seconds", 0.0))
             counters = state.get("counters", {})
@@ -296,7 +297,13 @@ class Trainer:
         bad = any(not torch.isfinite(p).all() for p in self.model.parameters())
         return not self.backend.agree(int(bad))
 
-    def save_checkpoint(self) -> Path:
+    @property
+    def last_ckpt_step(self) -> int:
+        """The newest checkpoint that is on disk for good (a commit still running does not count)."""
+        return self.saver.last_step
+
+    def save_checkpoint(self, wait: bool = True) -> Optional[Path]:
+        """This step's checkpoint; wait=False leaves its fsync and rename to a thread (runner/loop/saver.py)."""
         if not self.weights_finite():
             raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large?); "
                                  f"no checkpoint written, the one at step {self.last_ckpt_step} is kept")
@@ -311,13 +318,22 @@ class Trainer:
             "evaluated_step": self.evaluator.last_step if evaluated else None,
             "eval_last": self.evaluator.last if evaluated else None,
         }
-        path = self.backend.save(self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
-        self.last_ckpt_step = self.step
+        return self.saver.save(self.step, state, wait)
+
+    def checkpoint_durable(self, step: int) -> None:
+        """A checkpoint is on disk for good: the record points at it, MLflow may get its steps."""
         if self.backend.is_main:
-            outdir.update_record(self.output_dir, checkpoint_step=self.step)
+            outdir.update_record(self.output_dir, checkpoint_step=step)
         if self.tracker:
-            self.tracker.flush(upto_step=self.step)
-        return path
+            self.tracker.flush(upto_step=step)
+
+    def settle_checkpoint(self) -> None:
+        """On the way out after an error: let a checkpoint still committing finish, so the
+        run's record and MLflow name the newest one; its own failure is only logged."""
+        try:
+            self.saver.settle()
+        except Exception as e:  # noqa: BLE001 - the error being handled is the one to report
+            log.warning("%s", e)
 
     # -- the loop ------------------------------------------------------------------------
     def cap(self) -> Optional[float]:
@@ -356,6 +372,7 @@ class Trainer:
                 code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
                 if code:
                     return {v: k for k, v in STOP_CODES.items()}[code]
+                self.saver.settle(block=False)  # the last periodic checkpoint, once its commit is done
                 t0 = time.perf_counter()
                 self.step += 1
                 m = self.train_step()
@@ -374,8 +391,9 @@ class Trainer:
                 saved = self.step % cfg.train.checkpoint_every == 0
                 if saved:
                     t_save = time.perf_counter()
-                    self.save_checkpoint()
+                    self.save_checkpoint(wait=not self.cfg.train.background_commit)
                     self.save_seconds = time.perf_counter() - t_save
+                    self.tracker.log_metrics({"time/checkpoint_s": self.save_seconds}, self.step)
                 elif self.step % cfg.tracking.flush_every == 0:
                     # metrics past the last checkpoint wait for the next one (a crash would
                     # recompute those steps); this sends the rest and retries if offline
@@ -513,6 +531,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             trainer.stop_reason = trainer.fit(stop)
             trainer.finish(trainer.stop_reason)
         except KeyboardInterrupt:
+            trainer.settle_checkpoint()
             last = trainer.last_ckpt_step
             trainer.tracker.set_tags({"stop_reason": "interrupted", "final_step": last})
             trainer.tracker.end("KILLED", upto_step=last)
@@ -521,6 +540,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             raise Interrupted(f"interrupted at step {trainer.step}: {kept}; the MLflow run is marked KILLED "
                               f"(logged up to step {last}); the same command resumes") from None
         except NonFiniteError as e:
+            trainer.settle_checkpoint()
             why = str(e)
             try:
                 trainer.save_checkpoint()  # only if the weights themselves are finite
@@ -533,6 +553,7 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             raise NonFiniteError(why) from None
         except BaseException:
             tb = traceback.format_exc()
+            trainer.settle_checkpoint()
             try:
                 trainer.tracker.set_tags({"stop_reason": "error"})
                 trainer.tracker.log_text(tb, "traceback.txt")

@@ -61,6 +61,9 @@ def test_run_logs_config_metrics_and_artifacts(trained):
     mean_len = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "completion/mean_length")}
     assert len(longest) == 3 and all(1 <= v <= 8 and v == int(v) for v in longest)
     assert all(m.value >= mean_len[m.step] for m in c.get_metric_history(run.info.run_id, "completion/max_length"))
+    # the periodic checkpoint (step 2) is timed: what the training thread paid for it
+    assert steps_of(c, run.info.run_id, "time/checkpoint_s") == [2]
+    assert json.loads((tmp / "out" / "run_state.json").read_text())["checkpoint_step"] == 3
     # the main job's linear lr decay (algo=grpo_wide): 2e-5 x (1, 2/3, 1/3) over 3 steps
     lrs = [v for _, v in sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/lr"))]
     assert lrs == pytest.approx([2e-5, 2e-5 * 2 / 3, 2e-5 / 3])

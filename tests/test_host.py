@@ -73,3 +73,35 @@ def test_freed_memory_is_reused_without_page_faults():
     # kept, mostly none (glibc's aligned allocations still grow the heap now and then:
     # up to ~20k seen)
     assert system["faults"] > 100_000 and kept["faults"] * 4 < system["faults"], (kept, system)
+
+
+def test_free_cores_spin_briefly_then_sleep():
+    """Cores free at start: libgomp's spin count drops from 300000 to host.SPINCOUNT (as fast
+    alone, ~passive under load that appears later: README, Speed on AMD EPYC)."""
+    code = ("import json, os; from runner import host; host.choose(busy_threshold=float('inf')); "
+            "print(json.dumps([host.POLICY, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY')]))")
+
+    def run(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    from runner.host import SPINCOUNT
+
+    policy, spins, wait = run()
+    assert spins == SPINCOUNT == policy["gomp_spincount"] and wait is None, policy
+    policy, spins, _ = run(GOMP_SPINCOUNT="50")  # the user's own spin count wins
+    assert spins == "50" and policy == {"omp_wait_policy": "default", "why": "set in the environment",
+                                        "gomp_spincount": "50"}
+
+
+def test_the_bench_takes_a_spin_count_as_wait_policy():
+    import argparse
+
+    from runner.bench import wait_policy
+
+    assert [wait_policy(v) for v in ("auto", "spin", "passive", "1000")] == ["auto", "spin", "passive", "1000"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'fast': use auto, spin, passive or a spin count"):
+        wait_policy("fast")

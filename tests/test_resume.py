@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -262,3 +263,37 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path):
         assert run.info.status == "FINISHED" and steps(c, run.info.run_id, "train/loss") == list(range(1, 7))
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_background_commit_counts_only_once_it_is_done_and_a_failed_one_raises_on_settle(tmp_path):
+    from runner.loop.saver import Saver
+
+    durable, release = [], threading.Event()
+
+    def save(directory, step, state, keep):
+        staged = ckpt.write(directory, step, state)
+
+        def commit():
+            release.wait(30)  # the disk is slow: the training thread must not wait for it
+            return staged.commit(keep)
+        return commit
+
+    saver = Saver(save, tmp_path, keep=2, on_durable=durable.append)
+    saver.save(1, {"model": {"w": torch.ones(3)}}, wait=False)
+    saver.settle(block=False)  # still committing: nothing counts yet
+    assert saver.pending and saver.last_step == 0 and durable == []
+    assert ckpt.checkpoints(tmp_path) == [] and (tmp_path / ".ckpt-00000001.pt.tmp").exists()
+    release.set()
+    saver.settle()
+    assert not saver.pending and saver.last_step == 1 and durable == [1]
+    assert ckpt.load_latest(tmp_path)["step"] == 1  # digest written while serializing, verified on load
+
+    # a commit that fails on its thread (the final name is taken by a directory) is raised
+    # on the training thread, leaves no temporary file and keeps the previous checkpoint
+    (tmp_path / "ckpt-00000002.pt").mkdir()
+    (tmp_path / "ckpt-00000002.pt" / "x").write_text("in the way")
+    saver.save(2, {"model": {"w": torch.zeros(3)}}, wait=False)
+    with pytest.raises(ckpt.CheckpointWriteError, match="the checkpoint at step 1 is kept"):
+        saver.settle()
+    assert saver.last_step == 1 and durable == [1] and not saver.pending
+    assert not list(tmp_path.glob(".ckpt-*.tmp"))
