@@ -416,11 +416,12 @@ class Trainer:
             m = self.evaluate(samples=final_n)
             self.tracker.log_metrics(m, self.step)
             self.final_metrics.update(m)
-        self.save_checkpoint()
+        self.save_checkpoint(wait=not self.cfg.train.background_commit)  # committed during the export
         if self.cfg.train.export:  # plain HF weights (LoRA merged), both trainers
             hf = self.backend.export_hf(self.model, self.tok, self.output_dir / "hf_model")
             if hf is not None:
                 self.tracker.set_tags({"hf_model": str(hf)})
+        self.saver.settle()
         if not self.backend.is_main:
             return
         if reason == "budget":
