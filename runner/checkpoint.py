@@ -1,8 +1,9 @@
 """Checkpoints: policy weights, optimizer, step, RNG streams and run state, written atomically.
 
 A checkpoint is written to a temporary file (its SHA-256 computed on the way), fsynced,
-the digest put in a sidecar file, and only then renamed into place: a file under a real name always has its digest, so a
-crash mid-write never leaves a half file that looks complete. Loading walks back from the
+the digest put in a sidecar file, and only then renamed into place: a file under a real
+name always has its digest, so a crash mid-write never leaves a half file that looks
+complete. Loading walks back from the
 newest and skips (with a warning) any file that is corrupt, truncated, unloadable, has no
 digest to check, or holds non-finite weights, so one bad file costs at most
 `checkpoint_every` steps. A failed write (a full disk) removes its temporary file.

@@ -42,8 +42,8 @@ import time
 POLICY: dict[str, str] = {}
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-# spins before a waiting OpenMP thread sleeps, on cores free at start (libgomp's default:
-# 300000, tens of milliseconds; a few microseconds with 1000); see the module docstring
+# spins before a waiting OpenMP thread sleeps, on cores free at start (libgomp's default
+# 300000 is milliseconds of spinning, 1000 a few microseconds); see the module docstring
 SPINCOUNT = "1000"
 
 
@@ -92,7 +92,7 @@ def configure() -> dict[str, str]:
 
 
 def choose(seconds: float = 0.1, busy_threshold: float = 0.5) -> dict[str, str]:
-    """Set OMP_WAIT_POLICY=PASSIVE when other work holds the CPUs, else leave spinning on."""
+    """OMP_WAIT_POLICY=PASSIVE when other work holds the CPUs, else a short spin (SPINCOUNT)."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         POLICY.update(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"), why="set in the environment")
         if "GOMP_SPINCOUNT" in os.environ:
