@@ -41,7 +41,7 @@ reproduce: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post$(if $(QUICK),_quick,) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Our step vs TRL's GRPOTrainer, same settings (TRL is a benchmark-only extra)
 bench: setup
