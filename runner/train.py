@@ -408,6 +408,10 @@ class Trainer:
         """Final evaluation, checkpoint and artifacts; status FINISHED (completed, or stopped
         by the budget) or KILLED (a signal). Under a budget stop the final evaluation runs
         only if it still fits; the checkpoint is always written."""
+        # the last periodic checkpoint counts (and its steps go to MLflow) before the final
+        # evaluation logs more metrics at its step: a resume from it evaluates again, so those
+        # must not have been sent yet
+        self.saver.settle()
         t = self.cfg.train
         final_n = t.final_eval_samples or t.eval_samples
         eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.evaluator.seconds * final_n / t.eval_samples or None)
