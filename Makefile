@@ -40,8 +40,11 @@ sweep: setup
 reproduce: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post$(if $(QUICK),_quick,) $(ARGS)
 
+# Two workers (pytest-xdist): most tests start a fresh `python -m runner`, whose imports are
+# single-threaded, so two at a time keep both CI cores busy. TEST_JOBS=0 runs them in one process.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=20 tests
 
 # Our step vs TRL's GRPOTrainer, same settings (TRL is a benchmark-only extra)
 bench: setup
