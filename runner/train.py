@@ -23,6 +23,7 @@ from runner import outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig
+from runner.loop import run_state
 from runner.loop.collector import Collector
 from runner.loop.evaluator import Evaluator
 from runner.loop.learner import Learner, NonFiniteError  # noqa: F401  (raised through run())
@@ -162,19 +163,7 @@ class Trainer:
         state = self.backend.load(self.ckpt_dir, problems)
         self.fell_back = outdir.check_loaded(self.output_dir, state, problems, cfg.train.resume)
         if state is not None:
-            self.step = self.saver.last_step = state["step"]
-            self.history = History(**state["history"])
-            self.meter.carry(state.get("wall_seconds", 0.0))
-            counters = state.get("counters", {})
-            self.collector.reward_errors = counters.get("reward_errors", 0)
-            self.learner.nonfinite_total = counters.get("nonfinite_total", 0)
-            self.generated_tokens = counters.get("generated_tokens", 0)
-            if self.learner.adaptive is not None and "entropy_coef" in state:
-                self.learner.adaptive.coef = state["entropy_coef"]
-            self.final_metrics = dict(state.get("final_metrics", {}))
-            if state.get("evaluated_step") == self.step:  # e.g. the final evaluation: not run twice
-                self.evaluator.last, self.evaluator.last_step = state.get("eval_last"), self.step
-            log.info("resumed from step %d", self.step)
+            run_state.restore(self, state)
         if cfg.rollout.name == "vllm":
             self.start_vllm()
         else:
@@ -307,18 +296,7 @@ class Trainer:
         if not self.weights_finite():
             raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large?); "
                                  f"no checkpoint written, the one at step {self.last_ckpt_step} is kept")
-        evaluated = self.evaluator.last_step == self.step
-        state = {
-            "history": {"train": self.history.train, "eval": self.history.eval},
-            "wall_seconds": self.meter.wall_seconds,
-            "entropy_coef": self.learner.adaptive.coef if self.learner.adaptive else None,
-            "counters": {"reward_errors": self.collector.reward_errors, "nonfinite_total": self.learner.nonfinite_total,
-                         "generated_tokens": self.generated_tokens},
-            "final_metrics": self.final_metrics,
-            "evaluated_step": self.evaluator.last_step if evaluated else None,
-            "eval_last": self.evaluator.last if evaluated else None,
-        }
-        return self.saver.save(self.step, state, wait)
+        return self.saver.save(self.step, run_state.snapshot(self), wait)
 
     def checkpoint_durable(self, step: int) -> None:
         """A checkpoint is on disk for good: the record points at it, MLflow may get its steps."""

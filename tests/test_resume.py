@@ -109,33 +109,51 @@ def test_kill_9_after_the_final_checkpoint_does_not_evaluate_twice(tmp_path):
         a.path == "samples.md" for a in c.list_artifacts(run.info.run_id))
 
 
+def logged_rows(db: Path, key: str) -> int:
+    """Rows of `key` in an MLflow SQLite store another process is writing (0 while it is
+    being created or is locked): cheap enough to poll."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
+            return con.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def test_no_readable_checkpoint_is_refused_then_never_starts_a_new_run(tmp_path):
-    args = [*FAST, "train.steps=4", f"output_dir={tmp_path / 'out'}"]
-    p = popen(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*FAST, f"output_dir={tmp_path / 'out'}"]
+    # killed once two checkpoints are on disk and steps have reached MLflow (the sender
+    # thread sends them after a checkpoint commits, so both are waited for, not assumed)
+    p = popen([*args, "train.steps=60"], tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "out" / "checkpoints"
     deadline = time.time() + 300
-    while not (ck / "ckpt-00000004.pt").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.01)
+    while time.time() < deadline and p.poll() is None and not (
+            len(list(ck.glob("ckpt-*.pt"))) >= 2 and logged_rows(tmp_path / "mlruns.db", "train/loss")):
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert p.returncode == -9, "the run ended before the fault was injected"
+    names = sorted(f.name for f in ck.glob("ckpt-*.pt"))
+    assert len(names) >= 2, names
     for f in ck.glob("ckpt-*.pt"):
-        f.write_bytes(f.read_bytes()[:1000])  # both truncated
+        f.write_bytes(f.read_bytes()[:1000])  # all truncated
     c, (killed,) = runs(tmp_path / "mlruns.db")
     logged = steps(c, killed.info.run_id, "train/loss")
     assert logged  # steps reached MLflow: restarting into this run would log them twice
     before = snapshot(tmp_path / "out", log_too=False)
 
-    r = run_cli([*args, "train.steps=6"], cwd=tmp_path)
+    r = run_cli([*args, "train.steps=60"], cwd=tmp_path)
     assert r.returncode == 2
     first = r.stderr.strip().splitlines()[-1]
-    assert "none is readable" in first and "ckpt-00000004.pt" in first and "train.resume=never" in first
+    assert "none is readable" in first and names[-1] in first and "train.resume=never" in first
     assert snapshot(tmp_path / "out", log_too=False) == before
     assert steps(c, killed.info.run_id, "train/loss") == logged
 
     r = run_cli([*args, "train.steps=6", "train.resume=never"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (moved,) = (tmp_path / "out" / "previous").iterdir()
-    assert sorted(p.name for p in (moved / "checkpoints").glob("*.pt")) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert sorted(p.name for p in (moved / "checkpoints").glob("*.pt")) == names
     _, both = runs(tmp_path / "mlruns.db")
     new = next(r for r in both if r.info.run_id != killed.info.run_id)
     assert new.info.status == "FINISHED" and steps(c, new.info.run_id, "train/loss") == list(range(1, 7))
