@@ -315,3 +315,42 @@ def test_a_background_commit_counts_only_once_it_is_done_and_a_failed_one_raises
         saver.settle()
     assert saver.last_step == 1 and durable == [1] and not saver.pending
     assert not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+def test_what_a_checkpoint_holds_is_what_a_resume_restores():
+    """runner/loop/run_state.py: snapshot then restore into a fresh trainer gives the same
+    snapshot, every field changed from its starting value (a field saved but not restored
+    would fail here, before any kill -9 test has to find it)."""
+    from types import SimpleNamespace as NS
+
+    from runner.algo.loss import AdaptiveEntropy
+    from runner.budget import CostMeter
+    from runner.loop import run_state
+    from runner.train import History
+
+    def trainer(clock):
+        return NS(step=0, generated_tokens=0, final_metrics={}, history=History(),
+                  meter=CostMeter(1.0, 1, clock=clock), saver=NS(last_step=0),
+                  evaluator=NS(last=None, last_step=-1), collector=NS(reward_errors=0),
+                  learner=NS(nonfinite_total=0, adaptive=AdaptiveEntropy(0.01, 0.5, 0.001, 0.0, 0.1)))
+
+    now = [100.0]
+    a = trainer(lambda: now[0])
+    now[0] += 42.0
+    a.step, a.generated_tokens, a.final_metrics = 7, 1234, {"eval/answers/valid_rate": 0.9}
+    a.history.train.append((7, {"2": 0.5, "4": 0.5}))
+    a.history.eval.append((7, {"2": 0.4, "6": 0.6}))
+    a.evaluator.last, a.evaluator.last_step = {"dist": {"2": 0.4, "6": 0.6}}, 7
+    a.collector.reward_errors, a.learner.nonfinite_total, a.learner.adaptive.coef = 3, 2, 0.05
+    state = {"step": a.step, **run_state.snapshot(a)}  # the backend stores the step with the weights
+
+    b = trainer(lambda: 0.0)
+    run_state.restore(b, state)
+    assert b.step == b.saver.last_step == 7 and b.meter.wall_seconds == 42.0
+    assert run_state.snapshot(b) == run_state.snapshot(a)
+    assert b.evaluator.last_step == 7  # the evaluation at the checkpoint's step is not run again
+
+    a.evaluator.last_step = 5  # evaluated earlier than the checkpoint: evaluated again after a resume
+    c = trainer(lambda: 0.0)
+    run_state.restore(c, {"step": a.step, **run_state.snapshot(a)})
+    assert c.evaluator.last_step == -1 and c.evaluator.last is None
