@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from runner import checkpoint as ckpt
+from runner.checkpoint import Finish
 from runner import lora
 
 log = logging.getLogger(__name__)
@@ -200,15 +201,21 @@ class TorchBackend:
         return grad_norm, False
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Callable[[], Path]:
-        """Serialize a checkpoint; returns its commit (fsync, digest, rename, pruning), which
-        the caller may run on another thread (runner/loop/saver.py). A LoRA policy's
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> Finish:
+        """Gather a checkpoint (references to the weights and the optimizer state, no
+        copies; the RNG streams as they are now); returns `finish(written)`: serialize,
+        call `written()`, commit (fsync, digest, rename, pruning). The caller may run it on
+        another thread up to the next optimizer step (runner/loop/saver.py). A LoRA policy's
         checkpoint holds the adapters (and their optimizer state) alone: the frozen base
         weights are the model preset's, loaded again on resume."""
         weights = lora.trainable_state(self.model) if lora.is_lora(self.model) else self.model.state_dict()
         payload = {"model": weights, "optimizer": self.opt.state_dict(), "rng": ckpt.rng_state(), **state}
-        staged = ckpt.write(directory, step, payload)
-        return lambda: staged.commit(keep)
+
+        def finish(written: Callable[[], None]) -> Path:
+            staged = ckpt.write(directory, step, payload)
+            written()
+            return staged.commit(keep)
+        return finish
 
     def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
         state = ckpt.load_latest(directory, problems)
@@ -437,7 +444,7 @@ class DeepSpeedBackend(TorchBackend):
         return norm, True
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Callable[[], Path]:
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> Finish:
         """DeepSpeed's own save (every rank writes its shards), plus each rank's RNG streams;
         a tag counts as complete only once rank 0 has written COMPLETE after all ranks
         finished, so a crash mid-save leaves the previous tag in charge."""
@@ -455,7 +462,11 @@ class DeepSpeedBackend(TorchBackend):
             for old in complete_tags(root)[:-keep]:
                 shutil.rmtree(root / old, ignore_errors=True)
         self.barrier()
-        return lambda: root / tag  # complete on every rank already: nothing left to commit
+
+        def finish(written: Callable[[], None]) -> Path:  # complete on every rank already
+            written()
+            return root / tag
+        return finish
 
     def load(self, directory: Path, problems: Optional[list[str]] = None) -> Optional[dict]:
         problems = [] if problems is None else problems

@@ -20,7 +20,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -74,6 +74,11 @@ class _Digesting:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+# what a backend's save returns: serialize (calling `written()` once the weights and the
+# optimizer state have been read), then commit; returns the checkpoint's path
+Finish = Callable[[Callable[[], None]], Path]
 
 
 @dataclass
@@ -150,7 +155,9 @@ def _write_error(e: BaseException, directory: Path, final: Path, step: int) -> B
     device; torch.save reports a full disk as a RuntimeError); other errors pass as they are."""
     if not isinstance(e, (OSError, RuntimeError)) or isinstance(e, CheckpointWriteError):
         return e
-    kept = [s for s, _ in checkpoints(directory) if s != step]
+    # a failed write never renames, so every checkpoint file is intact, one of this very
+    # step included (the final save after a periodic one at the same step)
+    kept = [s for s, p in checkpoints(directory) if p.is_file()]
     why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     free = shutil.disk_usage(directory).free / 2**20
     err = CheckpointWriteError(

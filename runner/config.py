@@ -285,7 +285,7 @@ class TrainConfig:
     final_eval_samples: Optional[int] = None
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
-    # periodic checkpoints: fsync and rename on a thread while the next step trains (it counts once done)
+    # periodic checkpoints: serialized, fsynced and renamed on a thread while the next step trains (it counts once done)
     background_commit: bool = True
     sample_table_rows: int = 24
     # Stop after this many updates in a row with a non-finite loss or gradient (each is skipped).

@@ -158,7 +158,8 @@ class Trainer:
         opt = make_adamw([p for p in model.parameters() if p.requires_grad], lr=a.lr,
                          betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay)
         self.model, self.opt = self.backend.wrap(model, opt)
-        self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref)
+        self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref,
+                               before_update=self.saver.wait_written)
         problems: list[str] = []
         state = self.backend.load(self.ckpt_dir, problems)
         self.fell_back = outdir.check_loaded(self.output_dir, state, problems, cfg.train.resume)
@@ -292,11 +293,12 @@ class Trainer:
         return self.saver.last_step
 
     def save_checkpoint(self, wait: bool = True) -> Optional[Path]:
-        """This step's checkpoint; wait=False leaves its fsync and rename to a thread (runner/loop/saver.py)."""
+        """This step's checkpoint; wait=False leaves its serialization and commit to a thread (runner/loop/saver.py)."""
         if not self.weights_finite():
             raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large?); "
                                  f"no checkpoint written, the one at step {self.last_ckpt_step} is kept")
-        return self.saver.save(self.step, run_state.snapshot(self), wait)
+        # a copy: on a thread, the checkpoint is serialized while the next step changes these
+        return self.saver.save(self.step, copy.deepcopy(run_state.snapshot(self)), wait)
 
     def checkpoint_durable(self, step: int) -> None:
         """A checkpoint is on disk for good: the record points at it, MLflow may get its steps."""

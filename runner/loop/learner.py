@@ -30,9 +30,12 @@ class Learner:
     gradient reach the weights."""
 
     def __init__(self, cfg, backend, tok, opt, autocast: Callable[[], AbstractContextManager],
-                 on_weights_changed: Callable[[], None], ref_model=None) -> None:
+                 on_weights_changed: Callable[[], None], ref_model=None,
+                 before_update: Callable[[], None] = lambda: None) -> None:
         self.cfg, self.backend, self.tok, self.opt = cfg, backend, tok, opt
         self.autocast, self.on_weights_changed = autocast, on_weights_changed
+        # waits while a checkpoint on a thread still reads the weights the optimizer is about to change
+        self.before_update = before_update
         self.ref_model = ref_model  # a frozen copy of the starting policy where algo.kl.coef > 0
         a = cfg.algo
         self.loss_cfg = LossConfig.from_algo(a)
@@ -149,6 +152,7 @@ class Learner:
                 timing["time/backward_s"] += t2 - t1
             t2 = time.perf_counter()
             if finite:
+                self.before_update()
                 grad_norm, stepped = bk.step(a.max_grad_norm)
                 finite = stepped
                 if stepped:
