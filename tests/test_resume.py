@@ -40,8 +40,28 @@ def snapshot(d: Path, log_too: bool = True) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name not in skip}
 
 
+def _terminal_signals():
+    """In the child before exec: SIGINT and SIGTERM as a terminal gives them (default
+    action, not blocked). A test worker's process can carry another state from code run
+    in it earlier, and a child inherits its mask and ignored signals through exec: seen as
+    a SIGINT that a `python -m runner` started from a pytest-xdist worker never received."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def signal_state(pid: int) -> str:
+    """The blocked, ignored and caught signal masks of a process (for failure messages)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return str(e)
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def popen(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, text=True,
+                            preexec_fn=_terminal_signals, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +263,7 @@ def test_sigint_during_start_up_says_what_exists(tmp_path):
         lock, deadline = out / ".runner.lock", time.time() + 120
         while not (lock.exists() and lock.read_text()) and time.time() < deadline and p.poll() is None:
             time.sleep(0.01)
+        state = signal_state(p.pid)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         # on a loaded machine this process can be descheduled past the child's whole start-up
@@ -250,7 +271,7 @@ def test_sigint_during_start_up_says_what_exists(tmp_path):
         # the signal was not injected where meant, so again (a real failure fails 3 times)
         if "interrupted during start-up" in err:
             break
-    assert p.returncode == 130, err[-2000:]
+    assert p.returncode == 130, f"{state}\n{err[:3000]}"
     assert "interrupted during start-up, before any step ran" in err
     assert "checkpoint is kept" not in err and "Traceback" not in err
     assert not list(out.glob("checkpoints/*.pt"))
