@@ -25,7 +25,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from runner import checkpoint as ckpt
-from runner.checkpoint import Finish
 from runner import lora
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ class TorchBackend:
         return grad_norm, False
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Finish:
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> ckpt.Finish:
         """Gather a checkpoint (references to the weights and the optimizer state, no
         copies; the RNG streams as they are now); returns `finish(written)`: serialize,
         call `written()`, commit (fsync, digest, rename, pruning). The caller may run it on
@@ -444,7 +443,7 @@ class DeepSpeedBackend(TorchBackend):
         return norm, True
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, directory: Path, step: int, state: dict, keep: int) -> Finish:
+    def save(self, directory: Path, step: int, state: dict, keep: int) -> ckpt.Finish:
         """DeepSpeed's own save (every rank writes its shards), plus each rank's RNG streams;
         a tag counts as complete only once rank 0 has written COMPLETE after all ranks
         finished, so a crash mid-save leaves the previous tag in charge."""

@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig
 from runner.loop import run_state
+from runner.loop.run_state import History
 from runner.loop.collector import Collector
 from runner.loop.evaluator import Evaluator
 from runner.loop.learner import Learner, NonFiniteError  # noqa: F401  (raised through run())
@@ -87,14 +87,6 @@ class StopFlag:
             raise KeyboardInterrupt
         self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
         print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now)", file=sys.stderr)
-
-
-@dataclass
-class History:
-    """What the final plot and summary need, kept in checkpoints so a resume has it."""
-
-    train: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    eval: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def pick_device(name: str) -> str:

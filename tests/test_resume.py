@@ -420,7 +420,7 @@ def test_what_a_checkpoint_holds_is_what_a_resume_restores():
     from runner.algo.loss import AdaptiveEntropy
     from runner.budget import CostMeter
     from runner.loop import run_state
-    from runner.train import History
+    from runner.loop.run_state import History
 
     def trainer(clock):
         return NS(step=0, generated_tokens=0, final_metrics={}, history=History(),

@@ -9,12 +9,21 @@ optimizer are the trainer backend's (runner/backend); committing the file is the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runner.train import Trainer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class History:
+    """What the final plot and summary need, kept in checkpoints so a resume has it."""
+
+    train: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    eval: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def snapshot(t: "Trainer") -> dict[str, Any]:
@@ -36,8 +45,6 @@ def snapshot(t: "Trainer") -> dict[str, Any]:
 def restore(t: "Trainer", state: dict[str, Any]) -> None:
     """The inverse of `snapshot`, on a trainer whose model and optimizer are loaded already.
     Checkpoints written before a key existed restore that key's starting value."""
-    from runner.train import History
-
     t.step = t.saver.last_step = state["step"]
     t.history = History(**state["history"])
     t.meter.carry(state.get("wall_seconds", 0.0))
