@@ -267,8 +267,9 @@ def test_sigint_during_start_up_says_what_exists(tmp_path):
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         # on a loaded machine this process can be descheduled past the child's whole start-up
-        # (its 4 tiny steps take <1 s; seen once under two jobs and two test workers): then
-        # the signal was not injected where meant, so again (a real failure fails 3 times)
+        # (its 4 tiny steps take <1 s): then the signal was not injected where meant, so
+        # again (a real failure fails 3 times). The failures that led here, three in a row on
+        # a fresh clone, were the inherited signal state `_terminal_signals` now resets.
         if "interrupted during start-up" in err:
             break
     assert p.returncode == 130, f"{state}\n{err[:3000]}"
