@@ -36,7 +36,8 @@ def _peak_rss_gb() -> float:
 
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-            rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0):
+            rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
+            linears: str = "auto"):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -47,7 +48,8 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "env": {"_target_": "envs.dice.DiceEnv", "name": "even_dice", "even_only": True},
         "shaper": {"name": "none"},
         "algo": {"group_size": a.group, "lr": 5e-5},
-        "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype},
+        "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype,
+                    "linears": linears},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
                     "autocast": autocast, "precision": precision},
         "train": {"prompts_per_step": a.prompts},
@@ -55,13 +57,14 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
 
 
 def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0) -> dict:
+             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
+             linears: str = "auto") -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora, linears)
     if rollout == "vllm":
         from runner.rollout.vllm import check_available
 
@@ -193,19 +196,31 @@ def cpu_description() -> str:
 
 def matmul_gflops(threads: int | None) -> dict:
     """Measured throughput: a large square fp32 matmul (compute-bound peak) and a
-    decode-shaped one (batch x hidden @ hidden x vocab, bandwidth-bound)."""
+    decode-shaped one (batch x hidden times the vocabulary head, as `F.linear` computes it,
+    and in the weight-major layout runner/rollout/decode_linears.py can switch to)."""
     import torch
+    import torch.nn.functional as F
+
+    from runner.rollout.decode_linears import weight_major
 
     if threads:
         torch.set_num_threads(threads)
     out = {}
-    for name, (m, k, n) in {"square_1024": (1024, 1024, 1024), "decode_6x576x49152": (6, 576, 49152)}.items():
-        x, w = torch.randn(m, k), torch.randn(k, n)
+    shapes = {"square_1024": (1024, 1024, 1024), "decode_6x576x49152": (6, 576, 49152),
+              "decode_weight_major_6x576x49152": (6, 576, 49152)}
+    for name, (m, k, n) in shapes.items():
+        x = torch.randn(m, k)
+        if name == "square_1024":
+            w = torch.randn(k, n)
+            f = lambda: x @ w  # noqa: E731
+        else:  # an nn.Linear's weight: out x in
+            w = torch.randn(n, k)
+            f = (lambda: weight_major(w, None, x)) if "weight_major" in name else (lambda: F.linear(x, w))
         for _ in range(3):
-            x @ w
+            f()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 1.0:
-            x @ w
+            f()
             reps += 1
         out[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
     return out
@@ -239,6 +254,8 @@ def step_flops(n_params: int, prompt_len: int, group: int, new_tokens: float) ->
 SIDES = {
     "ours": lambda a: run_ours(a),
     "ours_fp32_rollout": lambda a: run_ours(a, rollout_dtype="float32"),
+    # every sampling linear as F.linear computes it (rollout.linears=plain)
+    "ours_plain_linears": lambda a: run_ours(a, linears="plain"),
     # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
     "ours_bf16": lambda a: run_ours(a, precision="bf16"),
     "ours_autocast": lambda a: run_ours(a, autocast="bf16"),
@@ -342,7 +359,8 @@ def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
     fl = step_flops(meta["n_params"], meta["prompt_len"] * a.prompts, rows, new_tokens)
     peak = g["square_1024"]
     print(f"\nmatmul throughput here: {g['square_1024']:.1f} GFLOP/s (1024^3 fp32), "
-          f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped 6x576 @ 576x49152)")
+          f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped: F.linear of 6x576 by the 49152x576 head), "
+          f"{g['decode_weight_major_6x576x49152']:.1f} GFLOP/s (the same product weight-major)")
     print(f"limit (FLOPs / {peak:.0f} GFLOP/s, {meta['n_params'] / 1e6:.1f}M params, prompt {meta['prompt_len']} tokens "
           f"x {a.prompts}, {new_tokens:.1f} new tokens (mean) x {rows}):")
     for k, f in fl.items():

@@ -200,6 +200,9 @@ class RolloutConfig:
     engine: str = "loop"
     # Weights rollouts sample from: auto (bfloat16 where native), float32 or bfloat16.
     dtype: str = "auto"
+    # CPU linears while sampling (engine loop): auto (bf16 packed for oneDNN; fp32 in the
+    # layout measured faster here) | plain (F.linear as the model has it)
+    linears: str = "auto"
     # --- rollout=vllm only ---
     gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU, colocated with training
     sleep: bool = True  # free vLLM's weights and KV cache during the update (sleep mode)
@@ -598,6 +601,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _one_of("rollout.engine", r.engine, ("loop", "generate"))
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
+    _one_of("rollout.linears", r.linears, ("auto", "plain"))
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

@@ -6,8 +6,9 @@ import torch
 from envs import Prompt
 from runner.algo.loss import BatchNorm, LossConfig, advantages, policy_loss
 from runner.algo.forward import sequence_logprobs
-from runner.rollout.packed_linears import packed_linears
-from runner.rollout.packed_linears import supported as packed_supported
+from runner.rollout import decode_linears as dl
+from runner.rollout.decode_linears import decode_linears
+from runner.rollout.decode_linears import supported as packed_supported
 from runner.rollout.hf import HFRollout, concat, sample_next, select
 
 PROMPTS = [Prompt((("user", "roll a dice."),), "<answer>"),
@@ -358,17 +359,83 @@ def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
 
     model, tok = tiny
     low = low_precision_copy(model, torch.bfloat16).eval()
-    with packed_linears(low, 6) as n:
+    with decode_linears(low, 6) as n:
         assert n == sum(type(m) is torch.nn.Linear for m in low.modules()) > 0
     assert not any("forward" in m.__dict__ for m in low.modules())
     prompts = PROMPTS  # two lengths: left padding too
     torch.manual_seed(5)
     packed = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
-    monkeypatch.setattr(rollout_mod, "packed_linears", lambda model, rows_hint: contextlib.nullcontext(0))
+    monkeypatch.setattr(rollout_mod, "decode_linears", lambda model, rows_hint, mode: contextlib.nullcontext(0))
     torch.manual_seed(5)
     plain = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
     assert torch.equal(packed.input_ids, plain.input_ids)
     torch.testing.assert_close(packed.sampler_logprobs, plain.sampler_logprobs, rtol=0, atol=0)
+
+
+
+def test_weight_major_product_is_the_linear_layer():
+    """(W @ x.T).T, row-major again: F.linear's values (to float32 rounding), shape and
+    layout, with and without a bias, for one row, a batch of rows and a 3-d input."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 32, generator=g), torch.randn(96, generator=g)
+    for shape in ((1, 32), (6, 32), (4, 1, 32), (3, 5, 32)):
+        x = torch.randn(*shape, generator=g)
+        for bias in (None, b):
+            out = dl.weight_major(w, bias, x)
+            assert out.shape == shape[:-1] + (96,) and out.is_contiguous()
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_major_linears_sample_what_plain_ones_do(tiny, monkeypatch):
+    """float32 CPU decoding with every linear in the weight-major layout: the same tokens
+    for the same seed and the same log-probs to float32 rounding; the modules are plain
+    again afterwards."""
+    import runner.rollout.hf as rollout_mod
+
+    model, tok = tiny
+    model.eval()
+    with decode_linears(model, 6, mode="weight_major") as n:
+        assert n == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+        assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert HFRollout(linears="plain").linears == "off" and HFRollout().linears == "auto"
+    runs = {}
+    for mode in ("weight_major", "off"):
+        monkeypatch.setattr(rollout_mod, "decode_linears",
+                            lambda model, rows_hint, mode_=None, _m=mode: decode_linears(model, rows_hint, _m))
+        torch.manual_seed(5)
+        runs[mode] = HFRollout(max_new_tokens=8).generate(model, tok, PROMPTS, 3)
+    assert torch.equal(runs["weight_major"].input_ids, runs["off"].input_ids)
+    torch.testing.assert_close(runs["weight_major"].sampler_logprobs, runs["off"].sampler_logprobs,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, monkeypatch):
+    """mode auto switches exactly the weight shapes measured faster in the other layout
+    (here: the measurements are set by hand, only the vocabulary head's wins), measures
+    each shape once, and never draws from torch's global generator (the sampler's)."""
+    model, _ = tiny
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    head = model.get_output_embeddings().weight
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(dl, "_CHOICE", {(m.weight.shape[0], m.weight.shape[1], 7, threads):
+                                        m.weight.shape == head.shape for m in linears})
+    with decode_linears(model, 7) as n:
+        switched = [m for m in linears if "forward" in m.__dict__]
+        assert n == len(switched) > 0 and all(m.weight.shape == head.shape for m in switched)
+
+    monkeypatch.setattr(dl, "_CHOICE", {})
+    timed = []
+    real = dl._best_time
+    monkeypatch.setattr(dl, "_best_time", lambda fn, repeats=3: timed.append(1) or real(fn, 1))
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        with decode_linears(model, 5):
+            pass
+    assert torch.equal(torch.get_rng_state(), before)
+    shapes = {tuple(m.weight.shape) for m in linears}
+    assert len(dl._CHOICE) == len(shapes) and len(timed) == 2 * len(shapes)  # both layouts, once a shape
 
 
 def cut_lengths(batch, lengths, pad_id):

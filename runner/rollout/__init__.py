@@ -5,5 +5,5 @@
     vllm           a colocated vLLM engine (GPU)
     multiturn      episodes where the environment answers between the model's turns
     fr3e           FR3E: branch new rollouts from a base trajectory's high-entropy tokens
-    packed_linears oneDNN-packed bf16 weights while decoding on CPU
+    decode_linears faster CPU linears while decoding (packed bf16; the faster fp32 layout)
 """
