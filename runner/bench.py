@@ -175,25 +175,6 @@ def run_trl(a, bf16: bool = False) -> dict:
     return {"steps": steps, "rss_gb": _peak_rss_gb()}
 
 
-def cpu_description() -> str:
-    """The CPU model and the features that decide which fast paths exist (bf16 dot products,
-    AMX tiles): the figures are only comparable between CPUs of one kind."""
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, features: {' '.join(feats) or 'none of avx2/avx512/bf16/amx'}"
-
-
 def matmul_gflops(threads: int | None) -> dict:
     """Measured throughput: a large square fp32 matmul (compute-bound peak) and a
     decode-shaped one (batch x hidden times the vocabulary head, as `F.linear` computes it,
@@ -418,6 +399,8 @@ def main(argv=None) -> int:
         child(a)
         return 0
     sides = a.sides.split(",")
+    from runner.host import cpu_description
+
     print(f"cpu: {cpu_description()}", flush=True)
     shapes = a.shapes or [(a.group, a.prompts)]
     results = []

@@ -34,6 +34,7 @@ peak RSS, measured). Any MALLOC_* variable in the environment turns this off.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -113,3 +114,23 @@ def choose(seconds: float = 0.1, busy_threshold: float = 0.5) -> dict[str, str]:
         os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
         POLICY.update(omp_wait_policy="default", gomp_spincount=SPINCOUNT, why=f"{busy:.1f} cores busy at start")
     return POLICY
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_description() -> str:
+    """The CPU model and the features that decide which fast paths exist (bf16 dot products,
+    AMX tiles): the figures are only comparable between CPUs of one kind."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, features: {' '.join(feats) or 'none of avx2/avx512/bf16/amx'}"

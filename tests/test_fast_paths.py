@@ -1,5 +1,7 @@
 """Every fast path against its straightforward reference on the tiny model."""
 
+import json
+
 import pytest
 import torch
 
@@ -410,24 +412,27 @@ def test_weight_major_linears_sample_what_plain_ones_do(tiny, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, monkeypatch):
-    """mode auto switches exactly the weight shapes measured faster in the other layout
-    (here: the measurements are set by hand, only the vocabulary head's wins), measures
-    each shape once, and never draws from torch's global generator (the sampler's)."""
+def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, monkeypatch, tmp_path):
+    """mode auto switches exactly the weight shapes this machine measured faster in the
+    other layout, measures each shape once per machine (the cache dir's file, read by every
+    later process: a resumed run rounds as the first one did), and never draws from torch's
+    global generator (the sampler's)."""
     model, _ = tiny
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dl, "_CHOICE", {})
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     head = model.get_output_embeddings().weight
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(dl, "_CHOICE", {(m.weight.shape[0], m.weight.shape[1], 7, threads):
-                                        m.weight.shape == head.shape for m in linears})
+    # this machine's file says: only the vocabulary head is faster weight-major
+    dl.layout_path().write_text(json.dumps({dl.layout_key(m.weight, 7): m.weight.shape == head.shape
+                                            for m in linears}))
+    measured = []
+    real = dl._measure
+    monkeypatch.setattr(dl, "_measure", lambda w, rows: measured.append(tuple(w.shape)) or real(w, rows))
     with decode_linears(model, 7) as n:
         switched = [m for m in linears if "forward" in m.__dict__]
         assert n == len(switched) > 0 and all(m.weight.shape == head.shape for m in switched)
+    assert measured == []
 
-    monkeypatch.setattr(dl, "_CHOICE", {})
-    timed = []
-    real = dl._best_time
-    monkeypatch.setattr(dl, "_best_time", lambda fn, repeats=3: timed.append(1) or real(fn, 1))
     torch.manual_seed(3)
     before = torch.get_rng_state()
     for _ in range(2):
@@ -435,7 +440,33 @@ def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, 
             pass
     assert torch.equal(torch.get_rng_state(), before)
     shapes = {tuple(m.weight.shape) for m in linears}
-    assert len(dl._CHOICE) == len(shapes) and len(timed) == 2 * len(shapes)  # both layouts, once a shape
+    assert sorted(measured) == sorted(shapes)  # each shape once, in this process
+    kept = json.loads(dl.layout_path().read_text())
+    assert {k for k in kept if k.endswith("| 5 rows")} == {dl.layout_key(m.weight, 5) for m in linears}
+
+    monkeypatch.setattr(dl, "_CHOICE", {})  # a later process: reads, measures nothing
+    with decode_linears(model, 5):
+        pass
+    assert sorted(measured) == sorted(shapes)
+
+    dl.layout_path().write_text("{not json")  # a damaged file: measured again, rewritten
+    monkeypatch.setattr(dl, "_CHOICE", {})
+    with decode_linears(model, 5):
+        pass
+    assert len(measured) == 2 * len(shapes) and len(json.loads(dl.layout_path().read_text())) == len(shapes)
+
+
+def test_layout_choice_without_a_writable_cache_dir(tiny, monkeypatch, tmp_path):
+    """A cache dir that cannot be created: the choice is measured for this process and the
+    rollout samples as usual."""
+    model, _ = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(blocker / "cache"))  # under a regular file
+    monkeypatch.setattr(dl, "_CHOICE", {})
+    with decode_linears(model, 3) as n:
+        assert n >= 0
+    assert len(dl._CHOICE) == len({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
 
 
 def cut_lengths(batch, lengths, pad_id):

@@ -13,10 +13,14 @@ the library call behind `F.linear` is far from its best at that shape:
   as the left operand, the result copied back to row-major) ran at 29-57: 37 -> 12 ms for
   6 rows, 81 -> 53 ms for 48; a whole decode forward 206 -> 179 ms at 12 rows, 363 -> 330
   at 48 (`python -m runner.bench --sides ours_plain_linears,ours`). Which layout wins
-  depends on the BLAS and the CPU, so it is measured once per weight shape and row count
-  on the machine itself (a few decode-sized products, ~0.5 s for the default model at 48
-  rows, once per process) and a weight switches only where the other layout is clearly
-  faster. The sums run in another order: the logits agree to float32 rounding, not bitwise.
+  depends on the BLAS and the CPU, so it is measured on the machine itself (a few
+  decode-sized products, ~0.5 s for the default model at 48 rows) and a weight switches
+  only where the other layout is clearly faster. The sums run in another order: the logits
+  agree with `F.linear`'s to float32 rounding, not bitwise, so the choice is measured once
+  per machine and kept (`linear_layouts.json` in the runner's cache dir, first measurement
+  wins under a file lock): a timing that came out the other way in a later process would
+  otherwise change the rounding, and a resumed run would no longer be bit-identical to
+  an uninterrupted one.
 
 Both live only while sampling (the weights change after every update), so they add
 nothing to the training step's peak memory.
@@ -25,16 +29,24 @@ nothing to the training step's peak memory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
+import logging
+import os
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 # a weight changes layout only when the other is at least this much faster (timing noise)
 MARGIN = 0.9
-# (out, in, rows, threads) -> whether the weight-major product is faster on this machine
-_CHOICE: dict[tuple[int, int, int, int], bool] = {}
+LAYOUT_FILE = "linear_layouts.json"
+# this process's copy of the machine's choices: key -> whether the weight-major product is faster
+_CHOICE: dict[str, bool] = {}
 
 
 def supported(model) -> bool:
@@ -69,15 +81,53 @@ def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
     return best
 
 
+def layout_key(weight: torch.Tensor, rows: int) -> str:
+    """What the choice depends on: the CPU, torch (its BLAS), threads, the shape, the rows."""
+    from runner.host import cpu_description
+
+    return (f"{cpu_description()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"{str(weight.dtype).removeprefix('torch.')} {weight.shape[0]}x{weight.shape[1]} | {rows} rows")
+
+
+def _measure(weight: torch.Tensor, rows: int) -> bool:
+    # a generator of its own: measuring must not move the sampler's random stream
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+    plain = _best_time(lambda: F.linear(x, weight))
+    swapped = _best_time(lambda: weight_major(weight, None, x))
+    return swapped < MARGIN * plain
+
+
+def layout_path() -> Path:
+    from runner.models import cache_dir
+
+    return cache_dir() / LAYOUT_FILE
+
+
 def weight_major_faster(weight: torch.Tensor, rows: int) -> bool:
-    """Times both layouts for this weight's shape at `rows` rows, once per process."""
-    key = (weight.shape[0], weight.shape[1], rows, torch.get_num_threads())
-    if key not in _CHOICE:
-        # a generator of its own: measuring must not move the sampler's random stream
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
-        plain = _best_time(lambda: F.linear(x, weight))
-        swapped = _best_time(lambda: weight_major(weight, None, x))
-        _CHOICE[key] = swapped < MARGIN * plain
+    """This machine's choice for this weight shape at `rows` rows: read from the cache
+    dir, or measured now and written there for every later process. Where the cache dir
+    cannot be written, measured once per process (and said so)."""
+    key = layout_key(weight, rows)
+    if key in _CHOICE:
+        return _CHOICE[key]
+    path = layout_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process measuring the same key waits for its answer
+            try:
+                known = json.loads(path.read_text()) if path.exists() else {}
+            except ValueError:  # a damaged file: measured again
+                known = {}
+            if not isinstance(known.get(key), bool):
+                known[key] = _measure(weight, rows)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+            _CHOICE[key] = known[key]
+    except OSError as e:
+        log.warning("linear layouts not kept in %s (%s): measured for this process only", path, e)
+        _CHOICE[key] = _measure(weight, rows)
     return _CHOICE[key]
 
 
