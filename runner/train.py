@@ -22,7 +22,8 @@ from runner import outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.budget import CostMeter, SweepLedger
 from runner.config import RunConfig
-from runner.loop import run_state
+from runner.loop import ending, run_state
+from runner.loop.ending import CLEAN_EXIT_REASONS, FINISHED_REASONS  # noqa: F401  (the entry points' exit codes)
 from runner.loop.run_state import History
 from runner.loop.collector import Collector
 from runner.loop.evaluator import Evaluator
@@ -39,10 +40,6 @@ from runner.track.store import Tracker
 
 log = logging.getLogger(__name__)
 
-# stop reasons of a run that ended as configured (MLflow status FINISHED, exit code 0)
-FINISHED_REASONS = ("completed", "budget", "token_budget")
-# ... plus a price estimate (no training): the process exits 0 for these
-CLEAN_EXIT_REASONS = FINISHED_REASONS + ("estimate",)
 
 
 def make_adamw(params, **kw) -> torch.optim.Optimizer:
@@ -377,44 +374,8 @@ class Trainer:
             bar.close()
 
     def finish(self, reason: str) -> None:
-        """Final evaluation, checkpoint and artifacts; status FINISHED (completed, or stopped
-        by the budget) or KILLED (a signal). Under a budget stop the final evaluation runs
-        only if it still fits; the checkpoint is always written."""
-        # the last periodic checkpoint counts (and its steps go to MLflow) before the final
-        # evaluation logs more metrics at its step: a resume from it evaluates again, so those
-        # must not have been sent yet
-        self.saver.settle()
-        t = self.cfg.train
-        final_n = t.final_eval_samples or t.eval_samples
-        eval_fits = not self.meter.would_exceed(self.cap(), extra_seconds=self.evaluator.seconds * final_n / t.eval_samples or None)
-        due = self.evaluator.last_step != self.step and self.step > 0 and self.backend.is_main
-        if due and reason in FINISHED_REASONS and (reason != "budget" or eval_fits):
-            m = self.evaluate(samples=final_n)
-            self.tracker.log_metrics(m, self.step)
-            self.final_metrics.update(m)
-        self.save_checkpoint(wait=not self.cfg.train.background_commit)  # committed during the export
-        if self.cfg.train.export:  # plain HF weights (LoRA merged), both trainers
-            hf = self.backend.export_hf(self.model, self.tok, self.output_dir / "hf_model")
-            if hf is not None:
-                self.tracker.set_tags({"hf_model": str(hf)})
-        self.saver.settle()
-        if not self.backend.is_main:
-            return
-        if reason == "budget":
-            print(f"budget: stopped after step {self.step} of {self.cfg.train.steps}: spent ${self.meter.usd:.4f} "
-                  f"of the ${self.cap():.4f} cap; the next step would take ~${self.meter.usd_for(self.meter.next_step_seconds()):.4f}",
-                  file=sys.stderr)
-        if self.ledger is not None:
-            self.ledger.finish(self.job_id, self.meter.usd)
-        # totals including the final evaluation, as tags: the step's cost metrics are logged already
-        self.tracker.set_tags({"stop_reason": reason, "final_step": self.step,
-                               "total_wall_s": f"{self.meter.wall_seconds:.1f}",
-                               "total_device_hours": f"{self.meter.device_hours:.5f}",
-                               "total_usd": f"{self.meter.usd:.4f}"})
-        self.log_artifacts()
-        status = "FINISHED" if reason in FINISHED_REASONS else "KILLED"
-        self.tracker.end(status)
-        self.record_end(status, reason, self.step)
+        """The run's end: final evaluation, checkpoint, export, MLflow status (runner/loop/ending.py)."""
+        ending.finish(self, reason)
 
     def record_end(self, status: str, reason: str, step: int) -> None:
         """How the run ended, in the output dir: a completed run is not run again."""
