@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 # a weight changes layout only when the other is at least this much faster (timing noise)
 MARGIN = 0.9
 LAYOUT_FILE = "linear_layouts.json"
-# more rows than this share this row count's choice: a large evaluation batch (960 rows) would
-# otherwise cost seconds of measuring, for layouts that differ by ~10% at that size
+# above this many rows F.linear is kept unmeasured: the layouts differ by ~10% there either
+# way (at 960 rows the weight-major copy made the head 10% slower), and measuring a large
+# evaluation batch (960 rows) would cost seconds
 MAX_MEASURED_ROWS = 256
 # this process's copy of the machine's choices: key -> whether the weight-major product is faster
 _CHOICE: dict[str, bool] = {}
@@ -110,7 +111,8 @@ def weight_major_faster(weight: torch.Tensor, rows: int) -> bool:
     """This machine's choice for this weight shape at `rows` rows: read from the cache
     dir, or measured now and written there for every later process. Where the cache dir
     cannot be written, measured once per process (and said so)."""
-    rows = min(rows, MAX_MEASURED_ROWS)
+    if rows > MAX_MEASURED_ROWS:
+        return False
     key = layout_key(weight, rows)
     if key in _CHOICE:
         return _CHOICE[key]
