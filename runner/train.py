@@ -41,7 +41,6 @@ from runner.track.store import Tracker
 log = logging.getLogger(__name__)
 
 
-
 def make_adamw(params, **kw) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where torch has one for these tensors (CPU and CUDA,
     float32): ~7x faster than the per-tensor loop for 135M parameters on 2 cores, same math."""

@@ -400,15 +400,17 @@ def test_weight_major_linears_sample_what_plain_ones_do(tiny, monkeypatch):
         assert n == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
         assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert HFRollout(linears="plain").linears == "off" and HFRollout().linears == "auto"
-    runs = {}
-    for mode in ("weight_major", "off"):
-        monkeypatch.setattr(rollout_mod, "decode_linears",
-                            lambda model, rows_hint, mode_=None, _m=mode: decode_linears(model, rows_hint, _m))
+    runs, asked = {}, []
+    for mode in ("weight_major", "plain"):
+        # the plain side goes through the config's switch (rollout.linears=plain) as given
+        monkeypatch.setattr(rollout_mod, "decode_linears", lambda model, rows_hint, given, _m=mode: asked.append(given)
+                            or decode_linears(model, rows_hint, _m if given == "auto" else given))
         torch.manual_seed(5)
-        runs[mode] = HFRollout(max_new_tokens=8).generate(model, tok, PROMPTS, 3)
-    assert torch.equal(runs["weight_major"].input_ids, runs["off"].input_ids)
-    torch.testing.assert_close(runs["weight_major"].sampler_logprobs, runs["off"].sampler_logprobs,
+        runs[mode] = HFRollout(max_new_tokens=8, linears="auto" if mode == "weight_major" else mode).generate(
+            model, tok, PROMPTS, 3)
+    assert asked == ["auto", "plain"]
+    assert torch.equal(runs["weight_major"].input_ids, runs["plain"].input_ids)
+    torch.testing.assert_close(runs["weight_major"].sampler_logprobs, runs["plain"].sampler_logprobs,
                                rtol=1e-5, atol=1e-5)
 
 

@@ -149,10 +149,10 @@ def decode_linears(model, rows_hint: int, mode: str = "auto") -> Iterator[int]:
     """Inside the block (no gradients), the model's `nn.Linear`s run the faster way for
     `rows_hint` rows; yields how many were changed (0: nothing changes). mode "auto": bf16
     packing where supported, else float32 weights measured; "weight_major": every float32
-    CPU linear (tests); "off": none."""
+    CPU linear (tests); "plain": none (rollout.linears=plain)."""
     patched = []
     p = next(model.parameters())
-    if mode != "off" and supported(model):
+    if mode != "plain" and supported(model):
         for m in _plain_linears(model, torch.bfloat16):
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
@@ -161,7 +161,7 @@ def decode_linears(model, rows_hint: int, mode: str = "auto") -> Iterator[int]:
             bias = None if m.bias is None else m.bias.detach()
             m.forward = lambda x, _p=packed, _b=bias: _packed(_p, _b, x)
             patched.append(m)
-    elif mode != "off" and p.device.type == "cpu" and p.dtype == torch.float32:
+    elif mode != "plain" and p.device.type == "cpu" and p.dtype == torch.float32:
         for m in _plain_linears(model, torch.float32):
             w = m.weight.detach()
             if mode == "weight_major" or weight_major_faster(w, rows_hint):

@@ -194,7 +194,7 @@ class HFRollout:
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  engine: str = "loop", logprob_temperature: float = 1.0, linears: str = "auto"):
         self.temperature = temperature
-        self.linears = "off" if linears == "plain" else "auto"
+        self.linears = linears  # rollout.linears: auto | plain (runner/rollout/decode_linears.py)
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.engine = engine
