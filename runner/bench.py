@@ -178,25 +178,34 @@ def run_trl(a, bf16: bool = False) -> dict:
 def matmul_gflops(threads: int | None) -> dict:
     """Measured throughput: a large square fp32 matmul (compute-bound peak) and a
     decode-shaped one (batch x hidden times the vocabulary head, as `F.linear` computes it,
-    and in the weight-major layout runner/rollout/decode_linears.py can switch to)."""
+    and in the weight-major and oneDNN-packed layouts runner/rollout/decode_linears.py can
+    switch to; the packing itself not counted)."""
     import torch
     import torch.nn.functional as F
 
-    from runner.rollout.decode_linears import weight_major
+    from runner.rollout import decode_linears as dl
 
     if threads:
         torch.set_num_threads(threads)
     out = {}
     shapes = {"square_1024": (1024, 1024, 1024), "decode_6x576x49152": (6, 576, 49152),
-              "decode_weight_major_6x576x49152": (6, 576, 49152)}
+              "decode_weight_major_6x576x49152": (6, 576, 49152), "decode_packed_6x576x49152": (6, 576, 49152)}
     for name, (m, k, n) in shapes.items():
+        if "packed" in name and not dl.onednn_available():
+            continue
         x = torch.randn(m, k)
         if name == "square_1024":
             w = torch.randn(k, n)
             f = lambda: x @ w  # noqa: E731
         else:  # an nn.Linear's weight: out x in
             w = torch.randn(n, k)
-            f = (lambda: weight_major(w, None, x)) if "weight_major" in name else (lambda: F.linear(x, w))
+            if "weight_major" in name:
+                f = lambda: dl.weight_major(w, None, x)  # noqa: E731
+            elif "packed" in name:
+                packed = dl.pack(w, m)
+                f = lambda: dl.packed_linear(packed, None, x)  # noqa: E731
+            else:
+                f = lambda: F.linear(x, w)  # noqa: E731
         for _ in range(3):
             f()
         reps, t0 = 0, time.perf_counter()
@@ -341,7 +350,8 @@ def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
     peak = g["square_1024"]
     print(f"\nmatmul throughput here: {g['square_1024']:.1f} GFLOP/s (1024^3 fp32), "
           f"{g['decode_6x576x49152']:.1f} GFLOP/s (decode-shaped: F.linear of 6x576 by the 49152x576 head), "
-          f"{g['decode_weight_major_6x576x49152']:.1f} GFLOP/s (the same product weight-major)")
+          f"{g['decode_weight_major_6x576x49152']:.1f} (the same product weight-major), "
+          f"{g.get('decode_packed_6x576x49152', float('nan')):.1f} (oneDNN-packed)")
     print(f"limit (FLOPs / {peak:.0f} GFLOP/s, {meta['n_params'] / 1e6:.1f}M params, prompt {meta['prompt_len']} tokens "
           f"x {a.prompts}, {new_tokens:.1f} new tokens (mean) x {rows}):")
     for k, f in fl.items():

@@ -375,43 +375,66 @@ def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
 
 
 
-def test_weight_major_product_is_the_linear_layer():
-    """(W @ x.T).T, row-major again: F.linear's values (to float32 rounding), shape and
-    layout, with and without a bias, for one row, a batch of rows and a 3-d input."""
+@pytest.mark.parametrize("layout", ["weight_major", "packed"])
+def test_other_layouts_compute_the_linear_layer(layout):
+    """(W @ x.T).T row-major again, and oneDNN's product with the re-laid-out weight:
+    F.linear's values (to float32 rounding), shape and layout, with and without a bias, for
+    one row, a batch of rows and a 3-d input."""
+    if layout == "packed" and not dl.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 32, generator=g), torch.randn(96, generator=g)
+    packed = dl.pack(w, 6) if layout == "packed" else None
     for shape in ((1, 32), (6, 32), (4, 1, 32), (3, 5, 32)):
         x = torch.randn(*shape, generator=g)
         for bias in (None, b):
-            out = dl.weight_major(w, bias, x)
+            out = dl.weight_major(w, bias, x) if layout == "weight_major" else dl.packed_linear(packed, bias, x)
             assert out.shape == shape[:-1] + (96,) and out.is_contiguous()
             torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_weight_major_linears_sample_what_plain_ones_do(tiny, monkeypatch):
-    """float32 CPU decoding with every linear in the weight-major layout: the same tokens
-    for the same seed and the same log-probs to float32 rounding; the modules are plain
-    again afterwards."""
+@pytest.mark.parametrize("layout", ["weight_major", "packed"])
+def test_other_layouts_sample_what_plain_linears_do(tiny, monkeypatch, layout):
+    """float32 CPU decoding with every linear in another layout: the sampler's log-probs of
+    its tokens are the plain training forward's; the modules are plain again afterwards.
+    Weight-major products are exact at the tiny model's sizes, so the same seed samples the
+    same tokens; oneDNN's differ in the last bit, and on a near-uniform random model that
+    can move an inverse-CDF draw over a token boundary, so there the tokens are not compared."""
     import runner.rollout.hf as rollout_mod
 
+    if layout == "packed" and not dl.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
     model, tok = tiny
     model.eval()
-    with decode_linears(model, 6, mode="weight_major") as n:
+    with decode_linears(model, 6, mode=layout) as n:
         assert n == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
         assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
     assert not any("forward" in m.__dict__ for m in model.modules())
     runs, asked = {}, []
-    for mode in ("weight_major", "plain"):
+    for mode in (layout, "plain"):
         # the plain side goes through the config's switch (rollout.linears=plain) as given
         monkeypatch.setattr(rollout_mod, "decode_linears", lambda model, rows_hint, given, _m=mode: asked.append(given)
                             or decode_linears(model, rows_hint, _m if given == "auto" else given))
         torch.manual_seed(5)
-        runs[mode] = HFRollout(max_new_tokens=8, linears="auto" if mode == "weight_major" else mode).generate(
+        runs[mode] = HFRollout(max_new_tokens=8, linears="auto" if mode == layout else mode).generate(
             model, tok, PROMPTS, 3)
     assert asked == ["auto", "plain"]
-    assert torch.equal(runs["weight_major"].input_ids, runs["plain"].input_ids)
-    torch.testing.assert_close(runs["weight_major"].sampler_logprobs, runs["plain"].sampler_logprobs,
-                               rtol=1e-5, atol=1e-5)
+    assert_sampler_logprobs_match_training(model, runs[layout])
+    if layout == "weight_major":
+        assert torch.equal(runs[layout].input_ids, runs["plain"].input_ids)
+        torch.testing.assert_close(runs[layout].sampler_logprobs, runs["plain"].sampler_logprobs,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_layout_must_be_clearly_faster_and_pay_for_its_packing():
+    """The rule on hand-made timings: within the margin F.linear stays; a packed weight's
+    re-layout is paid once per rollout, spread over DECODE_CALLS calls."""
+    assert dl.choose({"plain": 1.0, "weight_major": 0.95, "packed": 0.95}, repack=0.0) == "plain"
+    assert dl.choose({"plain": 1.0, "weight_major": 0.8}) == "weight_major"
+    calls = dl.DECODE_CALLS
+    assert dl.choose({"plain": 1.0, "weight_major": 0.8, "packed": 0.5}, repack=0.1 * calls) == "packed"
+    assert dl.choose({"plain": 1.0, "weight_major": 0.8, "packed": 0.5}, repack=0.4 * calls) == "weight_major"
+    assert dl.choose({"plain": 1.0, "weight_major": 1.2, "packed": 0.5}, repack=0.45 * calls) == "plain"
 
 
 def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, monkeypatch, tmp_path):
@@ -424,9 +447,9 @@ def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, 
     monkeypatch.setattr(dl, "_CHOICE", {})
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     head = model.get_output_embeddings().weight
-    # this machine's file says: only the vocabulary head is faster weight-major
-    dl.layout_path().write_text(json.dumps({dl.layout_key(m.weight, 7): m.weight.shape == head.shape
-                                            for m in linears}))
+    # this machine's file says: only the vocabulary head is faster, weight-major
+    dl.layout_path().write_text(json.dumps({dl.layout_key(m.weight, 7): "weight_major" if m.weight.shape == head.shape
+                                            else "plain" for m in linears}))
     measured = []
     real = dl._measure
     monkeypatch.setattr(dl, "_measure", lambda w, rows: measured.append(tuple(w.shape)) or real(w, rows))
@@ -456,6 +479,13 @@ def test_auto_layout_follows_the_measurement_and_leaves_the_random_stream(tiny, 
     with decode_linears(model, 5):
         pass
     assert len(measured) == 2 * len(shapes) and len(json.loads(dl.layout_path().read_text())) == len(shapes)
+
+    key = dl.layout_key(head, 5)  # a value that names no layout (an older file's): measured again
+    dl.layout_path().write_text(json.dumps({key: True}))
+    monkeypatch.setattr(dl, "_CHOICE", {})
+    with decode_linears(model, 5):
+        pass
+    assert json.loads(dl.layout_path().read_text())[key] in dl.LAYOUTS
 
 
 def test_large_batches_keep_plain_linears_unmeasured(tiny, monkeypatch, tmp_path):

@@ -2,28 +2,33 @@
 in the layout this machine's kernels are fastest at.
 
 Why: a decode step multiplies a handful of rows (G completions) by every weight matrix, and
-the library call behind `F.linear` is far from its best at that shape:
+the library call behind `F.linear` (MKL's sgemm) is far from its best at that shape. Three
+layouts compute the same product:
 
-- bfloat16 weights (AMX CPUs): `F.linear` re-lays each weight out for oneDNN on every call.
-  Packed once per rollout (~75 ms for the default model's 135M weights), the same products
-  are bit-identical and ~30% faster (this project's 2-core Sapphire Rapids-class VMs: 20.5
-  -> 14.8 ms for one decode step's linears).
-- float32 weights: `x @ W.T` with few rows and a wide W (the vocabulary head, 49152 x 576)
-  ran at 9-35 GFLOP/s on this project's 2-core AMD EPYC VMs, where `(W @ x.T).T` (the weight
-  as the left operand, the result copied back to row-major) ran at 29-57: 37 -> 12 ms for
-  6 rows, 81 -> 53 ms for 48; a whole decode forward 206 -> 179 ms at 12 rows, 363 -> 330
-  at 48 (`python -m runner.bench --sides ours_plain_linears,ours`). Which layout wins
-  depends on the BLAS and the CPU, so it is measured on the machine itself (a few
-  decode-sized products, ~0.5 s for the default model at 48 rows) and a weight switches
-  only where the other layout is clearly faster. The sums run in another order: the logits
-  agree with `F.linear`'s to float32 rounding, not bitwise, so the choice is measured once
-  per machine and kept (`linear_layouts.json` in the runner's cache dir, first measurement
-  wins under a file lock): a timing that came out the other way in a later process would
-  otherwise change the rounding, and a resumed run would no longer be bit-identical to
-  an uninterrupted one.
+- plain: `F.linear`, `x @ W.T`;
+- weight_major: `(W @ x.T).T` copied back to row-major: the weight as the left operand.
+  MKL runs "few rows times the 49152 x 576 vocabulary head" 1.3-3x faster this way on this
+  project's AMD EPYC VMs;
+- packed: the weight re-laid out once per rollout for oneDNN's matmul
+  (`torch.ops.mkldnn._reorder_linear_weight`, the kernels Inductor uses for frozen CPU
+  models). On the 2-core AMD EPYC (Zen 3) VMs a whole decode forward of the default model
+  ran 25-27% faster than with plain linears (12 rows 166 -> 122 ms, 48 rows 322 -> 242 ms),
+  the head at 12 rows 2.4x. For bfloat16 weights (AMX CPUs) it is always used: `F.linear`
+  re-lays each bf16 weight out for oneDNN on every call, so packing once gives the
+  bit-identical product ~30% faster.
 
-Both live only while sampling (the weights change after every update), so they add
-nothing to the training step's peak memory.
+Which fp32 layout wins depends on the BLAS, the CPU, the shape and the rows, so it is
+measured on the machine itself (a few decode-sized products per weight shape, ~1 s for the
+default model) and a weight leaves `F.linear` only where another layout is clearly faster;
+a packed weight is rebuilt for every rollout (the weights change after each update), so
+its re-layout counts against it, spread over DECODE_CALLS decode steps. The layouts sum in
+different orders: the logits agree with `F.linear`'s to float32 rounding, not bitwise. So
+the choice is measured once per machine and kept (`decode_linear_layouts.json` in the
+runner's cache dir, first measurement wins under a file lock): a timing that came out the
+other way in a later process would otherwise change the rounding, and a resumed run would
+no longer be bit-identical to an uninterrupted one.
+
+All of it lives only while sampling, so it adds nothing to the training step's peak memory.
 """
 
 from __future__ import annotations
@@ -42,27 +47,41 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# a weight changes layout only when the other is at least this much faster (timing noise)
+# a weight changes layout only when another is at least this much faster (timing noise)
 MARGIN = 0.9
-LAYOUT_FILE = "linear_layouts.json"
+LAYOUT_FILE = "decode_linear_layouts.json"
+LAYOUTS = ("plain", "weight_major", "packed")
+# decode steps a packed weight serves before it is rebuilt (the main job's max_new_tokens):
+# its re-layout counts as 1/DECODE_CALLS of a call in the measurement
+DECODE_CALLS = 8
 # above this many rows F.linear is kept unmeasured: the layouts differ by ~10% there either
 # way (at 960 rows the weight-major copy made the head 10% slower), and measuring a large
 # evaluation batch (960 rows) would cost seconds
 MAX_MEASURED_ROWS = 256
-# this process's copy of the machine's choices: key -> whether the weight-major product is faster
-_CHOICE: dict[str, bool] = {}
+# this process's copy of the machine's choices: key -> layout
+_CHOICE: dict[str, str] = {}
+
+
+def onednn_available() -> bool:
+    """torch's oneDNN matmul with weight packing (CPU builds with mkldnn)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
 
 
 def supported(model) -> bool:
     """bf16 packing: bfloat16 weights on a CPU whose oneDNN has bf16 kernels."""
     p = next(model.parameters())
-    ops = torch.ops.mkldnn
-    return (p.device.type == "cpu" and p.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
-            and bool(ops._is_mkldnn_bf16_supported()))
+    return (p.device.type == "cpu" and p.dtype == torch.bfloat16 and onednn_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
-def _packed(packed: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The weight re-laid out for oneDNN's matmul at about `rows` rows (any row count works)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def packed_linear(packed: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -75,7 +94,7 @@ def weight_major(weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Te
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     fn()  # warm-up: first-call allocations and kernel selection
     best = float("inf")
     for _ in range(repeats):
@@ -93,12 +112,30 @@ def layout_key(weight: torch.Tensor, rows: int) -> str:
             f"{str(weight.dtype).removeprefix('torch.')} {weight.shape[0]}x{weight.shape[1]} | {rows} rows")
 
 
-def _measure(weight: torch.Tensor, rows: int) -> bool:
+def choose(per_call: dict[str, float], repack: Optional[float] = None) -> str:
+    """The rule: the layout with the least cost per decode call (a packed weight's re-layout
+    spread over DECODE_CALLS calls), `plain` unless that is below MARGIN x plain's."""
+    cost = dict(per_call)
+    if "packed" in cost:
+        cost["packed"] += (repack or 0.0) / DECODE_CALLS
+    best = min(cost, key=cost.__getitem__)
+    return best if cost[best] < MARGIN * cost["plain"] else "plain"
+
+
+def _measure(weight: torch.Tensor, rows: int) -> str:
     # a generator of its own: measuring must not move the sampler's random stream
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
-    plain = _best_time(lambda: F.linear(x, weight))
-    swapped = _best_time(lambda: weight_major(weight, None, x))
-    return swapped < MARGIN * plain
+    per_call = {"plain": _best_time(lambda: F.linear(x, weight)),
+                "weight_major": _best_time(lambda: weight_major(weight, None, x))}
+    repack = None
+    if onednn_available():
+        try:
+            packed = pack(weight, rows)
+            per_call["packed"] = _best_time(lambda: packed_linear(packed, None, x))
+            repack = _best_time(lambda: pack(weight, rows), repeats=1)
+        except RuntimeError:  # no oneDNN kernel for this dtype or shape
+            per_call.pop("packed", None)
+    return choose(per_call, repack)
 
 
 def layout_path() -> Path:
@@ -107,12 +144,12 @@ def layout_path() -> Path:
     return cache_dir() / LAYOUT_FILE
 
 
-def weight_major_faster(weight: torch.Tensor, rows: int) -> bool:
-    """This machine's choice for this weight shape at `rows` rows: read from the cache
-    dir, or measured now and written there for every later process. Where the cache dir
-    cannot be written, measured once per process (and said so)."""
+def layout_for(weight: torch.Tensor, rows: int) -> str:
+    """This machine's layout for this weight shape at `rows` rows: read from the cache dir,
+    or measured now and written there for every later process. Where the cache dir cannot
+    be written, measured once per process (and said so)."""
     if rows > MAX_MEASURED_ROWS:
-        return False
+        return "plain"
     key = layout_key(weight, rows)
     if key in _CHOICE:
         return _CHOICE[key]
@@ -125,7 +162,7 @@ def weight_major_faster(weight: torch.Tensor, rows: int) -> bool:
                 known = json.loads(path.read_text()) if path.exists() else {}
             except ValueError:  # a damaged file: measured again
                 known = {}
-            if not isinstance(known.get(key), bool):
+            if known.get(key) not in LAYOUTS:
                 known[key] = _measure(weight, rows)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
@@ -144,29 +181,42 @@ def _plain_linears(model, dtype: torch.dtype) -> Iterator[torch.nn.Linear]:
             yield m
 
 
+def _forward(layout: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             rows: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    if layout == "weight_major":
+        return lambda x: weight_major(weight, bias, x)
+    if layout == "packed":
+        try:
+            packed = pack(weight, rows)
+        except RuntimeError:
+            return None
+        return lambda x: packed_linear(packed, bias, x)
+    return None
+
+
 @contextlib.contextmanager
 def decode_linears(model, rows_hint: int, mode: str = "auto") -> Iterator[int]:
     """Inside the block (no gradients), the model's `nn.Linear`s run the faster way for
     `rows_hint` rows; yields how many were changed (0: nothing changes). mode "auto": bf16
-    packing where supported, else float32 weights measured; "weight_major": every float32
-    CPU linear (tests); "plain": none (rollout.linears=plain)."""
+    weights packed where oneDNN has bf16 kernels, float32 weights in the layout measured
+    fastest here; "weight_major" / "packed": every float32 CPU linear in that layout
+    (tests, benchmarks); "plain": none (rollout.linears=plain)."""
     patched = []
     p = next(model.parameters())
     if mode != "plain" and supported(model):
-        for m in _plain_linears(model, torch.bfloat16):
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
-            except RuntimeError:
-                continue
-            bias = None if m.bias is None else m.bias.detach()
-            m.forward = lambda x, _p=packed, _b=bias: _packed(_p, _b, x)
-            patched.append(m)
+        layouts = lambda w: "packed"  # noqa: E731  bit-identical to F.linear's bf16 product
+        dtype = torch.bfloat16
     elif mode != "plain" and p.device.type == "cpu" and p.dtype == torch.float32:
-        for m in _plain_linears(model, torch.float32):
+        layouts = (lambda w: mode) if mode in LAYOUTS else (lambda w: layout_for(w, rows_hint))
+        dtype = torch.float32
+    else:
+        layouts, dtype = None, None
+    if layouts is not None:
+        for m in _plain_linears(model, dtype):
             w = m.weight.detach()
-            if mode == "weight_major" or weight_major_faster(w, rows_hint):
-                bias = None if m.bias is None else m.bias.detach()
-                m.forward = lambda x, _w=w, _b=bias: weight_major(_w, _b, x)
+            forward = _forward(layouts(w), w, None if m.bias is None else m.bias.detach(), rows_hint)
+            if forward is not None:
+                m.forward = forward
                 patched.append(m)
     try:
         yield len(patched)
