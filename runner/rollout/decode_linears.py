@@ -185,7 +185,7 @@ def _forward(layout: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
              rows: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     if layout == "weight_major":
         return lambda x: weight_major(weight, bias, x)
-    if layout == "packed":
+    if layout == "packed" and onednn_available():
         try:
             packed = pack(weight, rows)
         except RuntimeError:
@@ -203,21 +203,22 @@ def decode_linears(model, rows_hint: int, mode: str = "auto") -> Iterator[int]:
     (tests, benchmarks); "plain": none (rollout.linears=plain)."""
     patched = []
     p = next(model.parameters())
-    if mode != "plain" and supported(model):
-        layouts = lambda w: "packed"  # noqa: E731  bit-identical to F.linear's bf16 product
-        dtype = torch.bfloat16
-    elif mode != "plain" and p.device.type == "cpu" and p.dtype == torch.float32:
-        layouts = (lambda w: mode) if mode in LAYOUTS else (lambda w: layout_for(w, rows_hint))
-        dtype = torch.float32
+    if mode == "plain" or p.device.type != "cpu":
+        dtype = None
+    elif supported(model):
+        dtype = torch.bfloat16  # always packed: bit-identical to F.linear's bf16 product
     else:
-        layouts, dtype = None, None
-    if layouts is not None:
-        for m in _plain_linears(model, dtype):
-            w = m.weight.detach()
-            forward = _forward(layouts(w), w, None if m.bias is None else m.bias.detach(), rows_hint)
-            if forward is not None:
-                m.forward = forward
-                patched.append(m)
+        dtype = torch.float32
+    for m in (_plain_linears(model, dtype) if dtype is not None else ()):
+        w = m.weight.detach()
+        if dtype == torch.bfloat16:
+            layout = "packed"
+        else:
+            layout = mode if mode in LAYOUTS else layout_for(w, rows_hint)
+        forward = _forward(layout, w, None if m.bias is None else m.bias.detach(), rows_hint)
+        if forward is not None:
+            m.forward = forward
+            patched.append(m)
     try:
         yield len(patched)
     finally:
