@@ -3,7 +3,10 @@
 - CostMeter: wall time x devices x price per device-hour, counted from the job's start
   (model load and evaluation included) and carried across resumes.
 - Before each step the trainer asks `would_exceed(cap)`: the projected cost of the next
-  step, from recent step times, must still fit under the cap, or the run stops cleanly.
+  step (the slowest of the recent step times), plus the final checkpoint that every stop
+  writes, must still fit under the cap, or the run stops cleanly. A projection, not a
+  guarantee: a step much slower than the ones before it (a busy machine) can still end
+  past the cap, by its excess over the projection.
 - SweepLedger: one file in a multirun's sweep directory, shared by its jobs under an
   exclusive lock (safe for parallel launchers), so a whole sweep can have one cap.
 """
@@ -58,6 +61,16 @@ class CostMeter:
 
     def record_step(self, seconds: float) -> None:
         self._recent.append(seconds)
+
+    @property
+    def recent_steps(self) -> list[float]:
+        """The step times the projection uses, oldest first (kept in checkpoints: a resumed
+        run near its cap projects from them instead of from nothing)."""
+        return list(self._recent)
+
+    def carry_steps(self, seconds: list[float]) -> None:
+        self._recent.clear()
+        self._recent.extend(seconds)
 
     def next_step_seconds(self) -> float:
         """The slowest of the recent step times (0 before the first step: nothing to project

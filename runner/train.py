@@ -98,7 +98,7 @@ class Trainer:
                  ledger: Optional[SweepLedger] = None, job_id: str = "0"):
         self.cfg = cfg
         self.ledger, self.job_id = ledger, job_id
-        self.save_seconds = 0.0  # the last periodic checkpoint's save time (budget projection)
+        self.save_seconds = 0.0  # the last periodic checkpoint's save time (budget projection; checkpointed)
         self.generated_tokens = 0  # rollout tokens sampled so far (FR3E base trajectories included)
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
@@ -334,8 +334,10 @@ class Trainer:
                     return "token_budget"
                 # every rank stops at the same step: a signal on any rank, the budget on rank 0
                 nxt = self.step + 1
+                # what the next step also does (a periodic checkpoint or evaluation), and the
+                # final checkpoint a stop after it writes: the cap holds what the run leaves behind
                 periodic = ((self.save_seconds if nxt % cfg.train.checkpoint_every == 0 else 0.0)
-                            + (self.evaluator.seconds if self.evaluates_at(nxt) else 0.0))
+                            + (self.evaluator.seconds if self.evaluates_at(nxt) else 0.0) + self.save_seconds)
                 budget = self.backend.is_main and self.meter.would_exceed(self.cap(), periodic_seconds=periodic)
                 code = self.backend.agree(max(STOP_CODES[stop.reason], STOP_CODES["budget"] if budget else 0))
                 if code:

@@ -32,6 +32,9 @@ def snapshot(t: "Trainer") -> dict[str, Any]:
     return {
         "history": {"train": t.history.train, "eval": t.history.eval},
         "wall_seconds": t.meter.wall_seconds,
+        # the budget projection's inputs: a resumed run near its cap must not project from nothing
+        "recent_step_seconds": t.meter.recent_steps,
+        "save_seconds": t.save_seconds,
         "entropy_coef": t.learner.adaptive.coef if t.learner.adaptive else None,
         "counters": {"reward_errors": t.collector.reward_errors, "nonfinite_total": t.learner.nonfinite_total,
                      "generated_tokens": t.generated_tokens},
@@ -48,6 +51,8 @@ def restore(t: "Trainer", state: dict[str, Any]) -> None:
     t.step = t.saver.last_step = state["step"]
     t.history = History(**state["history"])
     t.meter.carry(state.get("wall_seconds", 0.0))
+    t.meter.carry_steps(state.get("recent_step_seconds", []))
+    t.save_seconds = state.get("save_seconds", 0.0)
     counters = state.get("counters", {})
     t.collector.reward_errors = counters.get("reward_errors", 0)
     t.learner.nonfinite_total = counters.get("nonfinite_total", 0)
