@@ -17,9 +17,11 @@ PROMPTS = [Prompt((("user", "roll a dice."),), "<answer>"),
 
 
 def config(r=8, **over):
-    # an entropy bonus: a gradient every step, even when every reward of the random model is 0
+    # an entropy bonus: a gradient every step, even when every reward of the random model is 0;
+    # float32 rollouts unless a test says otherwise: `auto` is bf16 on CPUs with avx512_bf16 or
+    # AMX, and the merged copy's logits are compared with the adapted model's to float32 rounding
     raw = {"model": {**TINY, "lora": {"r": r}}, "algo": {"group_size": 4, "lr": 1e-2, "entropy": {"coef": 0.01}},
-           "rollout": {"max_new_tokens": 6}, "train": {"prompts_per_step": 2, "eval_samples": 8, "steps": 3}}
+           "rollout": {"max_new_tokens": 6, "dtype": "float32"}, "train": {"prompts_per_step": 2, "eval_samples": 8, "steps": 3}}
     for k, v in over.items():
         raw.setdefault(k, {}).update(v)
     return validate(raw)

@@ -424,7 +424,7 @@ def test_what_a_checkpoint_holds_is_what_a_resume_restores():
     from runner.loop.run_state import History
 
     def trainer(clock):
-        return NS(step=0, generated_tokens=0, final_metrics={}, history=History(),
+        return NS(step=0, generated_tokens=0, final_metrics={}, history=History(), save_seconds=0.0,
                   meter=CostMeter(1.0, 1, clock=clock), saver=NS(last_step=0),
                   evaluator=NS(last=None, last_step=-1), collector=NS(reward_errors=0),
                   learner=NS(nonfinite_total=0, adaptive=AdaptiveEntropy(0.01, 0.5, 0.001, 0.0, 0.1)))
@@ -437,12 +437,17 @@ def test_what_a_checkpoint_holds_is_what_a_resume_restores():
     a.history.eval.append((7, {"2": 0.4, "6": 0.6}))
     a.evaluator.last, a.evaluator.last_step = {"dist": {"2": 0.4, "6": 0.6}}, 7
     a.collector.reward_errors, a.learner.nonfinite_total, a.learner.adaptive.coef = 3, 2, 0.05
+    a.save_seconds = 1.5
+    for s in (2.0, 3.0):
+        a.meter.record_step(s)
     state = {"step": a.step, **run_state.snapshot(a)}  # the backend stores the step with the weights
 
     b = trainer(lambda: 0.0)
     run_state.restore(b, state)
     assert b.step == b.saver.last_step == 7 and b.meter.wall_seconds == 42.0
     assert run_state.snapshot(b) == run_state.snapshot(a)
+    fresh, changed = run_state.snapshot(trainer(lambda: 0.0)), run_state.snapshot(a)
+    assert [k for k in changed if changed[k] == fresh[k]] == []  # the test changes every field it checks
     assert b.evaluator.last_step == 7  # the evaluation at the checkpoint's step is not run again
 
     a.evaluator.last_step = 5  # evaluated earlier than the checkpoint: evaluated again after a resume
