@@ -37,7 +37,7 @@ def _peak_rss_gb() -> float:
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
-            linears: str = "auto"):
+            linears: str = "auto", padding_free: bool = True):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -51,20 +51,20 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype,
                     "linears": linears},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
-                    "autocast": autocast, "precision": precision},
+                    "autocast": autocast, "precision": precision, "padding_free": padding_free},
         "train": {"prompts_per_step": a.prompts},
     })
 
 
 def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
              rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
-             linears: str = "auto") -> dict:
+             linears: str = "auto", padding_free: bool = True) -> dict:
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora, linears)
+    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora, linears, padding_free)
     if rollout == "vllm":
         from runner.rollout.vllm import check_available
 
@@ -246,6 +246,8 @@ SIDES = {
     "ours_fp32_rollout": lambda a: run_ours(a, rollout_dtype="float32"),
     # every sampling linear as F.linear computes it (rollout.linears=plain)
     "ours_plain_linears": lambda a: run_ours(a, linears="plain"),
+    # the shared-prefix training passes padded and cut by length (trainer.padding_free=false)
+    "ours_padded": lambda a: run_ours(a, padding_free=False),
     # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
     "ours_bf16": lambda a: run_ours(a, precision="bf16"),
     "ours_autocast": lambda a: run_ours(a, autocast="bf16"),

@@ -233,6 +233,11 @@ class TrainerConfig:
     # Cut the training passes by completion length so one long rollout does not pad every
     # short one (same update, like micro-batches); plain torch trainer only.
     length_buckets: bool = True
+    # The shared-prefix forward as one flat stream of real tokens (each prompt once, then the
+    # completions, a block attention mask; TRL's name): one product per linear layer, no
+    # padding; used where the stream fits runner/algo/forward.PADDING_FREE_MAX_TOKENS and the
+    # attention is SDPA (same numbers to float32 rounding, tested)
+    padding_free: bool = True
     # --- trainer=deepspeed only (the torch preset leaves these at their defaults) ---
     # Processes per node, started by the runner itself (torchrun, or the deepspeed launcher).
     num_procs: int = 1

@@ -23,10 +23,11 @@ def batch(tiny, engine="loop", seed=0, n=8, group=3):
     return HFRollout(max_new_tokens=n, engine=engine).generate(model, tok, PROMPTS, group)
 
 
-@pytest.fixture(params=["one_head", "two_calls"])
+@pytest.fixture(params=["one_head", "two_calls", "padding_free"])
 def shared_path(request, monkeypatch):
-    """The shared-prefix forward's two forms: one embedding lookup and one LM-head product
-    (plain heads), or two whole-model calls (heads whose logits the model post-processes)."""
+    """The shared-prefix forward's three forms: one embedding lookup and one LM-head product
+    (plain heads), two whole-model calls (heads whose logits the model post-processes), or
+    one flat stream of real tokens with a block attention mask (trainer.padding_free)."""
     import runner.algo.forward as forward
 
     if request.param == "two_calls":
@@ -34,17 +35,33 @@ def shared_path(request, monkeypatch):
     return request.param
 
 
+def shared(model, b, path, **kw):
+    """The shared-prefix forward by `path`, checking the padding-free one is really taken."""
+    from runner.algo.forward import padding_free_tokens
+
+    pf = path == "padding_free"
+    assert (padding_free_tokens(model, b) is not None) == (path != "two_calls")
+    return sequence_logprobs(model, b, shared_prefix=True, padding_free=pf, **kw)
+
+
+def ragged(tiny, seed=0, lengths=(8, 1, 3, 5, 8, 2)):
+    """Two prompts of different lengths (left padding), completions cut to `lengths`: a
+    one-token completion, full-length ones and padding in between."""
+    return cut_lengths(batch(tiny, seed=seed), lengths, tiny[1].pad_token_id)
+
+
 def test_shared_prefix_forward_equals_full_forward(tiny, shared_path):
     model, _ = tiny
-    b = batch(tiny)
+    b = ragged(tiny)
     model.eval()
     with torch.no_grad():
         full = sequence_logprobs(model, b, shared_prefix=False)
-        shared = sequence_logprobs(model, b, shared_prefix=True)
+        shared_ = shared(model, b, shared_path)
     model.train()
     m = b.completion_mask.bool()
-    torch.testing.assert_close(shared[0][m], full[0][m], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shared[1][m], full[1][m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared_[0][m], full[0][m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_[1][m], full[1][m], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(shared_[0]).all() and torch.isfinite(shared_[1]).all()
 
 
 def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
@@ -52,7 +69,7 @@ def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
     from runner.rollout.hf import position_ids
 
     model, _ = tiny
-    b = batch(tiny)
+    b = ragged(tiny)
     model.eval()
     with torch.no_grad():
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
@@ -60,10 +77,10 @@ def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
         C = b.completion_ids.shape[1]
         ref = token_logprobs(out.logits[:, -C - 1:-1] / 1.5, b.completion_ids)
         full = sequence_logprobs(model, b, shared_prefix=False, temperature=1.5)
-        shared = sequence_logprobs(model, b, shared_prefix=True, temperature=1.5)
+        shared_ = shared(model, b, shared_path, temperature=1.5)
     model.train()
     m = b.completion_mask.bool()
-    for got in (full, shared):
+    for got in (full, shared_):
         torch.testing.assert_close(got[0][m], ref[0][m], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1][m], ref[1][m], atol=1e-4, rtol=1e-4)
 
@@ -71,13 +88,13 @@ def test_every_forward_path_applies_the_loss_temperature(tiny, shared_path):
 def test_shared_prefix_gradients_equal_full_ones(tiny, shared_path):
     model, _ = tiny
     # rows from two rounds with different padding, as dynamic sampling builds them
-    b = concat([batch(tiny, seed=1), select(batch(tiny, seed=2), [3, 4, 5])], 0)
+    b = concat([ragged(tiny, seed=1), select(batch(tiny, seed=2), [3, 4, 5])], 0)
     adv = advantages(torch.randn(len(b)), b.groups)
     norm = BatchNorm(float(b.completion_mask.sum()), float(len(b)), 8.0)
 
-    def grads(shared):
+    def grads(use_shared):
         model.zero_grad()
-        logp, ent = sequence_logprobs(model, b, shared_prefix=shared)
+        logp, ent = (shared(model, b, shared_path) if use_shared else sequence_logprobs(model, b, shared_prefix=False))
         loss, _ = policy_loss(logp, logp.detach() - 0.05, adv, b.completion_mask, ent,
                               LossConfig(entropy_coef=0.01), norm)
         loss.backward()
@@ -539,18 +556,20 @@ def test_skipping_zero_advantages_and_length_buckets_give_the_same_update(tmp_pa
     from runner.config import validate
     from runner.train import Trainer
 
-    def trainer(skip, buckets):
+    def trainer(skip, buckets, padding_free=False):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = validate(compose("config", overrides=[
                 "model=tiny", f"algo={algo}", "rollout.max_new_tokens=8", "algo.group_size=3", "algo.num_iterations=2",
                 f"trainer.grad_accum_steps={k}", f"trainer.skip_zero_advantage={skip}",
-                f"trainer.length_buckets={buckets}", "env=dice", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]))
-        t = Trainer(cfg, tmp_path / f"out-{skip}-{buckets}")
+                f"trainer.length_buckets={buckets}", f"trainer.padding_free={padding_free}", "env=dice",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]))
+        t = Trainer(cfg, tmp_path / f"out-{skip}-{buckets}-{padding_free}")
         t.setup()
         return t
 
     ref = trainer(False, False)
-    others = [trainer(True, False), trainer(False, True), trainer(True, True)]
+    others = [trainer(True, False), trainer(False, True), trainer(True, True),
+              trainer(False, False, True), trainer(True, True, True)]
     torch.manual_seed(0)
     batch = ref.rollout.generate(ref.rollout_model, ref.tok, ref.env.prompts(0, 3), 3)
     batch = cut_lengths(batch, [8, 2, 3, 8, 1, 2, 2, 7, 2], ref.tok.pad_token_id)
@@ -562,10 +581,34 @@ def test_skipping_zero_advantages_and_length_buckets_give_the_same_update(tmp_pa
             assert m["train/loss"] == pytest.approx(m_ref["train/loss"], rel=1e-5, abs=1e-7)
             assert m["train/grad_norm"] == pytest.approx(m_ref["train/grad_norm"], rel=1e-4, abs=1e-7)
             for (n, p), q in zip(t.model.named_parameters(), ref.model.parameters()):
-                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+                # the flat stream sums in another order; Adam divides by sqrt(v), so where a
+                # gradient is ~0 that rounding can move a weight by a few 1e-6
+                atol = 1e-5 if t.cfg.trainer.padding_free else 1e-6
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=atol, msg=n)
     assert m_ref["train/skipped_seq_frac"] == 0.0
     assert others[0].update(batch, adv, [None] * 9)["train/skipped_seq_frac"] == pytest.approx(5 / 9)  # four rows carry signal
     assert others[0].learner.skips_zero_advantage() and others[1].learner.buckets_by_length(batch)
+    # padding-free passes are not cut by length (they pad nothing): one pass per micro-batch
+    micro = others[4].learner.micro_batches(batch, adv)[0]
+    assert len(micro) == k and all(others[4].learner.padding_free(mb) for _, mb in micro)
+
+
+def test_padding_free_passes_give_way_to_length_buckets_over_the_token_limit(tiny, monkeypatch):
+    """The flat stream's attention is dense (N x N): a pass over PADDING_FREE_MAX_TOKENS
+    runs padded, cut by length as before."""
+    import runner.algo.forward as forward
+
+    model, _ = tiny
+    b = ragged(tiny)
+    # 2 prompts' real tokens once + each completion's tokens but its last
+    prompts = int(torch.unique(b.attention_mask[:, :b.prompt_len], dim=0).sum())
+    n = forward.padding_free_tokens(model, b)
+    assert n == prompts + sum(x - 1 for x in (8, 1, 3, 5, 8, 2))
+    assert forward.padding_free_tokens(model, b, limit=n) == n and forward.padding_free_tokens(model, b, limit=n - 1) is None
+    monkeypatch.setattr(forward, "PADDING_FREE_MAX_TOKENS", n - 1)
+    assert forward.padding_free_tokens(model, b) is None
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    assert not forward.padding_free_supported(model)
 
 
 def test_length_buckets_cut_where_padding_costs_most():

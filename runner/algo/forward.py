@@ -6,7 +6,14 @@ Paths that must give the same numbers (tests hold them to it):
   rollouts that share it, and only completion tokens are run per rollout. With G=6 and a
   49-token prompt against ~10 completion tokens this removes most of the work. Gradients
   flow through the shared cache (indexing sums them back), so they are the same too;
-- model tokens only (multi-turn episodes): the LM head only where the model's own tokens are.
+- model tokens only (multi-turn episodes): the LM head only where the model's own tokens are;
+- padding-free (`trainer.padding_free`, on): the shared-prefix forward as one flat stream of
+  real tokens, each distinct prompt once and each rollout's completion after it, with an
+  attention mask that lets a completion see its own prompt and its own earlier tokens only.
+  Every linear layer then runs one matrix product per pass instead of one for the prompts
+  and one for the completions (and its weight gradient one product, not two and a sum), no
+  position is padding, and the LM head runs only where a real token is predicted. The mask
+  is dense (N x N for N tokens), so it is used up to PADDING_FREE_MAX_TOKENS.
 """
 
 from __future__ import annotations
@@ -14,15 +21,24 @@ from __future__ import annotations
 import torch
 
 from runner.algo.loss import token_logprobs
-from runner.rollout.hf import RolloutBatch, position_ids
+from runner.rollout.hf import RolloutBatch, completion_extents, position_ids
+
+# the padding-free pass's largest flat stream (prompts once + completion tokens): its
+# attention is dense over the stream, N^2 where the padded pass does rows x (prompt +
+# completion), so past this the padded passes (length buckets) are used instead
+PADDING_FREE_MAX_TOKENS = 1024
 
 
 def sequence_logprobs(model, batch: RolloutBatch, shared_prefix: bool = False,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, C] log-probs of the completion tokens and the policy's entropy at each, of the
-    policy with its logits divided by `temperature` (algo.loss_temperature)."""
+    policy with its logits divided by `temperature` (algo.loss_temperature). padding_free:
+    the shared-prefix forward as one flat stream where the model and the batch allow it
+    (`padding_free_tokens`); entries past a row's last real token are then 0."""
     if batch.token_turn is not None:
         return _model_tokens_only(model, batch, temperature)
+    if shared_prefix and padding_free and padding_free_tokens(model, batch) is not None:
+        return _padding_free(model, batch, temperature)
     if shared_prefix:
         return _shared_prefix(model, batch, temperature)
     c = batch.completion_ids.shape[1]
@@ -77,9 +93,7 @@ def _shared_prefix(model, batch: RolloutBatch, temperature: float) -> tuple[torc
     P = batch.prompt_len
     comp = batch.completion_ids
     C = comp.shape[1]
-    prompt_ids, prompt_attn = batch.input_ids[:, :P], batch.attention_mask[:, :P]
-    uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_attn], 1), dim=0, return_inverse=True)
-    u_ids, u_attn = uniq[:, :P], uniq[:, P:]
+    u_ids, u_attn, inverse = _unique_prompts(batch)
     if C > 1 and _head_is_plain(model):
         return _shared_prefix_one_head(model, batch, u_ids, u_attn, inverse, temperature)
     pre = model(input_ids=u_ids, attention_mask=u_attn, position_ids=position_ids(u_attn), use_cache=True,
@@ -132,3 +146,64 @@ def _shared_prefix_one_head(model, batch: RolloutBatch, u_ids: torch.Tensor, u_a
                    position_ids=position_ids(attn)[:, P:], past_key_values=cache, use_cache=True)
     hidden = torch.cat([pre.last_hidden_state[:, -1:][inverse], rest.last_hidden_state], dim=1)
     return token_logprobs(model.get_output_embeddings()(hidden), comp, temperature)
+
+
+def _unique_prompts(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct prompt ids, their attention masks, each row's prompt index)."""
+    P = batch.prompt_len
+    uniq, inverse = torch.unique(torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1), dim=0,
+                                 return_inverse=True)
+    return uniq[:, :P], uniq[:, P:], inverse
+
+
+def padding_free_supported(model) -> bool:
+    """A plain LM head and an attention that takes a custom boolean 4-D mask as it is (SDPA;
+    flash-attention kernels take none)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    return _head_is_plain(model) and impl == "sdpa" and not getattr(model.config, "sliding_window", None)
+
+
+def padding_free_tokens(model, batch: RolloutBatch, limit: int | None = None) -> int | None:
+    """Length of the batch's flat stream (each distinct prompt's real tokens once, each
+    row's completion tokens but its last), or None where the padding-free pass does not
+    apply: an unsupported model, a single-turn batch only, or a stream over `limit`."""
+    if batch.token_turn is not None or not padding_free_supported(model):
+        return None
+    n = int(_unique_prompts(batch)[1].sum()) + sum(max(e - 1, 0) for e in completion_extents(batch))
+    return n if n <= (PADDING_FREE_MAX_TOKENS if limit is None else limit) else None
+
+
+def _padding_free(model, batch: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    comp = batch.completion_ids
+    B, C = comp.shape
+    u_ids, u_attn, inverse = _unique_prompts(batch)
+    U, dev = u_ids.shape[0], comp.device
+    prompt_len = u_attn.sum(1)
+    ext = torch.as_tensor(completion_extents(batch), device=dev)
+    seg_len = torch.cat([prompt_len, (ext - 1).clamp(min=0)])  # segments: U prompts, then B completions
+    seg = torch.repeat_interleave(torch.arange(U + B, device=dev), seg_len)
+    start = seg_len.cumsum(0) - seg_len
+    ix = torch.arange(seg.numel(), device=dev) - start[seg]  # a token's index in its segment
+    owner = torch.cat([torch.arange(U, device=dev), inverse])[seg]  # the prompt it belongs to
+    is_prompt = seg < U
+    # left padding is not in the stream; a completion's positions continue its prompt's
+    pos = torch.where(is_prompt, ix, prompt_len[owner] + ix)
+    cols = torch.arange(C, device=dev)
+    inputs = cols[None, :] < (ext - 1).clamp(min=0)[:, None]  # [B, C]: completion tokens fed as inputs
+    tokens = torch.cat([u_ids[u_attn.bool()], comp[inputs]])
+    # a token sees its own segment up to itself; a completion token also its whole prompt
+    mask = (((seg[:, None] == seg[None, :]) & (ix[None, :] <= ix[:, None]))
+            | (is_prompt[None, :] & ~is_prompt[:, None] & (owner[:, None] == owner[None, :])))
+    embeds = model.get_input_embeddings()(tokens).unsqueeze(0)
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask[None, None], position_ids=pos[None],
+                                 use_cache=False).last_hidden_state[0]
+    # the hidden state that predicts each real completion token: the prompt's last for the
+    # first, the row's previous token for the rest
+    real = cols[None, :] < ext[:, None]  # [B, C]
+    at = torch.where(cols[None, :] == 0, (start[inverse] + prompt_len[inverse] - 1)[:, None],
+                     start[U:][:, None] + cols[None, :] - 1)
+    logits = model.get_output_embeddings()(hidden[at[real]])
+    lp, ent = token_logprobs(logits.unsqueeze(0), comp[real].unsqueeze(0), temperature)
+    logp = torch.zeros((B, C), dtype=lp.dtype, device=dev).masked_scatter(real, lp[0])
+    entropy = torch.zeros((B, C), dtype=ent.dtype, device=dev).masked_scatter(real, ent[0])
+    return logp, entropy

@@ -12,7 +12,7 @@ import torch
 
 from runner.algo.loss import (AdaptiveEntropy, BatchNorm, LossConfig, advantages, lr_factor, policy_loss,
                                rollout_correction, top_entropy_mask)
-from runner.algo.forward import length_buckets, sequence_logprobs
+from runner.algo.forward import length_buckets, padding_free_tokens, sequence_logprobs
 from runner.rollout.hf import RolloutBatch, completion_extents, select, span_token_mask, trim_completions
 
 log = logging.getLogger("runner.train")
@@ -82,11 +82,20 @@ class Learner:
             a_list = adv.tolist()
             chunks = [[i for i in rows if a_list[i] != 0.0] or rows[:1] for rows in chunks]
         kept = sum(len(rows) for rows in chunks)
-        if self.buckets_by_length(batch):
-            ext = completion_extents(batch)
-            chunks = [b for rows in chunks for b in length_buckets(rows, ext, overhead=batch.prompt_len + 8.0)]
         whole = list(range(len(batch)))
-        return [(rows, trim_completions(batch if rows == whole else select(batch, rows))) for rows in chunks], kept
+        part = lambda rows: trim_completions(batch if rows == whole else select(batch, rows))  # noqa: E731
+        if self.buckets_by_length(batch):
+            # a pass that runs padding-free pads nothing: cutting it would only run its prompt again
+            ext = completion_extents(batch)
+            chunks = [b for rows in chunks
+                      for b in ([rows] if self.padding_free(part(rows)) else
+                                length_buckets(rows, ext, overhead=batch.prompt_len + 8.0))]
+        return [(rows, part(rows)) for rows in chunks], kept
+
+    def padding_free(self, mb: RolloutBatch) -> bool:
+        """Whether this pass runs as one flat stream (runner/algo/forward.py)."""
+        t = self.cfg.trainer
+        return t.shared_prefix and t.padding_free and padding_free_tokens(self.backend.compute_model, mb) is not None
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list, step: int) -> dict[str, float]:
         a, bk = self.cfg.algo, self.backend
@@ -101,11 +110,11 @@ class Learner:
         if a.entropy.scope == "answer":
             entropy_mask = span_token_mask(self.tok, batch.completion_ids, [s.answer_span for s in scores]) & mask
         micro, kept = self.micro_batches(batch, adv)
-        shared, temp = self.cfg.trainer.shared_prefix, a.loss_temperature
+        shared, temp, pf = self.cfg.trainer.shared_prefix, a.loss_temperature, self.cfg.trainer.padding_free
         ref_logp: list = [None] * len(micro)
         if self.ref_model is not None:
             with torch.no_grad(), self.autocast():
-                ref_logp = [sequence_logprobs(self.ref_model, mb, shared, temp)[0] for _, mb in micro]
+                ref_logp = [sequence_logprobs(self.ref_model, mb, shared, temp, pf)[0] for _, mb in micro]
         old_logp: list = [None] * len(micro)
         is_weight: list = [None] * len(micro)
         cap = a.is_cap if self.rollout_differs else None
@@ -123,7 +132,7 @@ class Learner:
                 mb_mask = mb.completion_mask  # mask[idx] without the columns trimmed off
                 mb_emask = None if entropy_mask is None else entropy_mask[idx][:, :mb_mask.shape[1]]
                 with self.autocast():
-                    logp, ent = sequence_logprobs(bk.compute_model, mb, shared, temp)
+                    logp, ent = sequence_logprobs(bk.compute_model, mb, shared, temp, pf)
                 if old_logp[j] is None:  # the policy that sampled: this first forward, detached
                     old_logp[j] = logp.detach()
                     if mb.sampler_logprobs is not None:  # what the sampler saw, and the correction
