@@ -122,15 +122,20 @@ def cpu_description() -> str:
     AMX tiles): the figures are only comparable between CPUs of one kind."""
     import platform
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
+            elif key in ("cpu family", "model"):  # "AMD EPYC" alone names Zen 3 and Zen 4 VMs alike
+                ids[key] = line.split(":", 1)[1].strip()
+            elif key == "flags":
                 flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    if ids:
+        model += f" (family {ids.get('cpu family', '?')}, model {ids.get('model', '?')})"
     feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return f"{model}, {os.cpu_count()} cores, features: {' '.join(feats) or 'none of avx2/avx512/bf16/amx'}"
