@@ -36,7 +36,7 @@ run: setup
 sweep: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name $(SWEEP) $(ARGS)
 
-# The dice post, every recipe x 3 seeds, then report.md + plots (QUICK=1: 1 seed, 15 steps)
+# The dice post, every recipe x 5 seeds, then report.md + plots (QUICK=1: 1 seed, 15 steps)
 reproduce: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post$(if $(QUICK),_quick,) $(ARGS)
 

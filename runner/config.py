@@ -310,6 +310,10 @@ class TrainConfig:
     # Plain Hugging Face weights (save_pretrained + tokenizer) in <output_dir>/hf_model at the end,
     # LoRA merged in; both trainers (the MLflow tag hf_model names the directory).
     export: bool = True
+    # false: a run that completes deletes its checkpoints once the final evaluation, export and
+    # MLflow records are written (a study of many runs keeps its metrics, not 1.6 GB a run); it
+    # can then not be continued with a larger train.steps. Stops of any other kind keep theirs.
+    keep_final_checkpoint: bool = True
 
 
 @dataclass

@@ -42,7 +42,8 @@ SPOOL_FILE = "mlflow_spool.jsonl"
 # (train.steps does reshape a decaying lr schedule: the change is recorded as a tag).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.final_eval_samples",
              "train.checkpoint_every", "train.keep_checkpoints", "train.background_commit", "train.sample_table_rows",
-             "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export", "budget.",
+             "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export",
+             "train.keep_final_checkpoint", "budget.",
              "trainer.num_threads", "tracking.flush_every", "tracking.samples_every",
              "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "output_dir", "objective", "report")
 
@@ -165,6 +166,12 @@ def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional
         raise AlreadyFinished(f"output_dir {output_dir}: this run already finished at step {record['final_step']} "
                               f"(MLflow run {record.get('run_id')} in {record.get('tracking_uri')}); nothing to do. "
                               f"Raise train.steps to train further, or use another output_dir.")
+    if record.get("checkpoints_dropped") and mode != "never":
+        # its metrics are in MLflow up to its last step: starting over would log them twice
+        raise OutputDirError(f"output_dir {output_dir}: this run completed at step {record.get('final_step')} and "
+                             f"deleted its checkpoints (train.keep_final_checkpoint=false), so it cannot be "
+                             f"continued; nothing was changed. train.resume=never keeps its files in previous/ "
+                             f"and starts a new run here, or use another output_dir")
     res = Resume("resume")
     before_path = output_dir / CONFIG_FILE
     if before_path.exists():

@@ -454,3 +454,29 @@ def test_what_a_checkpoint_holds_is_what_a_resume_restores():
     c = trainer(lambda: 0.0)
     run_state.restore(c, {"step": a.step, **run_state.snapshot(a)})
     assert c.evaluator.last_step == -1 and c.evaluator.last is None
+
+
+def test_a_completed_run_can_drop_its_checkpoints_and_is_then_never_continued(tmp_path):
+    """train.keep_final_checkpoint=false (the study sweeps): the checkpoints go once the run
+    completed, its MLflow run is whole, and a command that would continue it (more steps) is
+    refused before loading anything, leaving the dir as it was."""
+    args = [*FAST, "train.steps=2", "train.keep_final_checkpoint=false", f"output_dir={tmp_path / 'out'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert not (out / "checkpoints").exists()
+    assert json.loads((out / "run_state.json").read_text())["checkpoints_dropped"] is True
+    c, (run,) = runs(tmp_path / "mlruns.db")
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
+    assert steps(c, run.info.run_id, "reward/raw_mean") == [1, 2]
+    before = snapshot(out)
+    again = run_cli(args, cwd=tmp_path)  # the same command: nothing to do
+    assert again.returncode == 0 and "already finished at step 2" in again.stderr
+    more = run_cli([a if a != "train.steps=2" else "train.steps=4" for a in args], cwd=tmp_path)
+    assert more.returncode == 2, more.stderr[-2000:]
+    first = [ln for ln in more.stderr.splitlines() if ln.strip()][0]
+    assert first.startswith("error: output_dir") and "deleted its checkpoints (train.keep_final_checkpoint=false)" in first, \
+        more.stderr[-2000:]
+    assert snapshot(out) == before
+    assert steps(c, run.info.run_id, "reward/raw_mean") == [1, 2]

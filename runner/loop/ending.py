@@ -54,3 +54,20 @@ def finish(trainer, reason: str) -> None:
     status = "FINISHED" if reason in FINISHED_REASONS else "KILLED"
     trainer.tracker.end(status)
     trainer.record_end(status, reason, trainer.step)
+    if reason == "completed" and not t.keep_final_checkpoint:
+        drop_checkpoints(trainer)
+
+
+def drop_checkpoints(trainer) -> None:
+    """train.keep_final_checkpoint=false: the completed run's checkpoints go, last, once
+    everything else it leaves is written; the record says so first, so a crash in between
+    still refuses a resume from what is left."""
+    import shutil
+
+    from runner import outdir
+
+    try:
+        outdir.update_record(trainer.output_dir, checkpoints_dropped=True)
+        shutil.rmtree(trainer.ckpt_dir)
+    except OSError as e:  # the run is complete either way; the files stay
+        print(f"train.keep_final_checkpoint=false: checkpoints not deleted ({e})", file=sys.stderr)
