@@ -203,6 +203,9 @@ class RolloutConfig:
     # CPU linears while sampling (engine loop): auto (bf16 packed for oneDNN; fp32 in the
     # layout measured faster here) | plain (F.linear as the model has it)
     linears: str = "auto"
+    # CPU attention at each one-token decode step: auto (over the key/value heads, the query
+    # heads that share one packed together) | sdpa (transformers' own dispatch)
+    attention: str = "auto"
     # --- rollout=vllm only ---
     gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU, colocated with training
     sleep: bool = True  # free vLLM's weights and KV cache during the update (sleep mode)
@@ -611,6 +614,7 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("rollout.engine", r.engine, ("loop", "generate"))
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
     _one_of("rollout.linears", r.linears, ("auto", "plain"))
+    _one_of("rollout.attention", r.attention, ("auto", "sdpa"))
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

@@ -69,6 +69,7 @@ def test_defaults_are_the_main_job():
         (["algo.loss_temperature=0"], "algo.loss_temperature=0.0: must be a number in [0.05, 20]"),
         (["report=phases"], "report='phases': must be null, dice_post or phase"),
         (["algo.lr_schedule=step"], "algo.lr_schedule='step': must be one of constant, linear, cosine"),
+        (["rollout.attention=eager"], "rollout.attention='eager': must be one of auto, sdpa"),
     ],
 )
 def test_bad_values_name_the_key(overrides, first_line):

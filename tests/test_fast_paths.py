@@ -620,3 +620,64 @@ def test_length_buckets_cut_where_padding_costs_most():
     cut = length_buckets([0, 1, 2, 3], [3, 3, 3, 4], overhead=54)  # not worth a second pass
     assert cut == [[0, 1, 2, 3]]
     assert sorted(i for b in length_buckets(list(range(10)), [1, 9, 2, 8, 3, 7, 4, 6, 5, 16], 0.0) for i in b) == list(range(10))
+
+
+class _GQA(torch.nn.Module):
+    num_key_value_groups = 2
+    is_causal = True
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_over_kv_heads_equals_sdpa(dtype, tol, masked):
+    """One query token per row: the packed form is the same attention as transformers' SDPA
+    (with no mask, where SDPA takes its slow enable_gqa route, and with a padding mask)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from runner.rollout.decode_attention import decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(5, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+        mask[1, ..., :4] = False  # a left-padded row
+    ours, _ = decode_sdpa(_GQA(), q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(_GQA(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (5, 1, 4, 16)
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+    if masked:  # the padded keys are really masked out: changing them changes nothing
+        k2 = k.clone()
+        k2[1, :, :4] += 100
+        torch.testing.assert_close(decode_sdpa(_GQA(), q, k2, v, mask, scaling=0.25)[0], ours, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("prompts", ["same_length", "ragged"])
+def test_decode_attention_samples_what_sdpa_does(tiny, prompts):
+    """The sampling loop with the packed decode attention (rollout.attention=auto) draws the
+    same tokens with the same log-probs as with transformers' SDPA, is really used at every
+    one-token step, and leaves the model's attention as it was (training runs SDPA)."""
+    from runner.rollout.decode_attention import NAME
+
+    model, tok = tiny
+    ps = [PROMPTS[0]] * 2 if prompts == "same_length" else PROMPTS
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], m.config._attn_implementation)),
+        with_kwargs=True)
+    try:
+        out = {}
+        for mode in ("auto", "sdpa"):
+            seen.clear()
+            torch.manual_seed(5)
+            out[mode] = HFRollout(max_new_tokens=8, attention=mode).generate(model, tok, ps, 3)
+            steps = [impl for length, impl in seen if length == 1]
+            assert steps and set(steps) == {NAME if mode == "auto" else "sdpa"}
+            assert model.config._attn_implementation == "sdpa"
+    finally:
+        hook.remove()
+    assert torch.equal(out["auto"].input_ids, out["sdpa"].input_ids)
+    torch.testing.assert_close(out["auto"].sampler_logprobs, out["sdpa"].sampler_logprobs, atol=1e-5, rtol=1e-5)
+    assert_sampler_logprobs_match_training(model, out["auto"])

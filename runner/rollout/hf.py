@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from envs.base import Prompt
+from runner.rollout.decode_attention import decode_attention
 from runner.rollout.decode_linears import decode_linears
 
 
@@ -188,13 +189,17 @@ class HFRollout:
     engine "loop" (default): prefill each distinct prompt once, copy its KV cache to the G
     rollouts of its group, then a lean sampling loop (no logits processors, stops when all
     rows hit EOS; on CPU the linears run in the layout this machine is fastest at while it
-    runs: runner/rollout/decode_linears.py). engine "generate": `model.generate`, the reference path.
+    runs: runner/rollout/decode_linears.py, and a one-token step's attention runs over the
+    key/value heads: runner/rollout/decode_attention.py). engine "generate": `model.generate`,
+    the reference path.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
-                 engine: str = "loop", logprob_temperature: float = 1.0, linears: str = "auto"):
+                 engine: str = "loop", logprob_temperature: float = 1.0, linears: str = "auto",
+                 attention: str = "auto"):
         self.temperature = temperature
         self.linears = linears  # rollout.linears: auto | plain (runner/rollout/decode_linears.py)
+        self.attention = attention  # rollout.attention: auto | sdpa (runner/rollout/decode_attention.py)
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.engine = engine
@@ -252,7 +257,8 @@ class HFRollout:
         # inference mode: no autograd bookkeeping on the ~700 small ops of each decode step
         # (~2 ms a token on the default model); its outputs are cloned out of it, since
         # the training forward takes the sampled ids as inputs
-        with torch.inference_mode(), decode_linears(model, prompt_ids.shape[0] * group_size, self.linears):
+        with (torch.inference_mode(), decode_linears(model, prompt_ids.shape[0] * group_size, self.linears),
+              decode_attention(model, self.attention)):
             tokens, logps = self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature)
         return tokens.clone(), logps.clone()
 
@@ -299,5 +305,6 @@ def make_rollout(cfg, logprob_temperature: float = 1.0) -> HFRollout:
     """logprob_temperature: the temperature of the log-probs the sampler records (the loss's,
     algo.loss_temperature, so the two are the same distribution whatever the sampling temperature)."""
     if cfg.name == "hf":
-        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine, logprob_temperature, cfg.linears)
+        return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine, logprob_temperature, cfg.linears,
+                         cfg.attention)
     raise ValueError(f"rollout.name={cfg.name!r}: must be hf")
