@@ -56,17 +56,15 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
     })
 
 
-def run_ours(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
-             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
-             linears: str = "auto", padding_free: bool = True, attention: str = "auto") -> dict:
+def run_ours(a, **knobs) -> dict:
+    """Our training step on the bench's settings; `knobs` are _config's (one side, one change)."""
     from pathlib import Path
     import tempfile
 
     from runner.train import Trainer
 
-    cfg = _config(a, engine, shared_prefix, autocast, rollout_dtype, precision, rollout, lora, linears, padding_free,
-                  attention)
-    if rollout == "vllm":
+    cfg = _config(a, **knobs)
+    if cfg.rollout.name == "vllm":
         from runner.rollout.vllm import check_available
 
         check_available(cfg)  # a one-line reason (no GPU, no vllm) before anything loads
@@ -260,7 +258,7 @@ SIDES = {
     # GPU only (--device cuda, pip install '.[gpu]'): vLLM generation, bf16 training
     "ours_vllm": lambda a: run_ours(a, precision="bf16", rollout="vllm"),
     # the straightforward path: transformers generate, full forward per rollout
-    "ours_reference": lambda a: run_ours(a, "generate", False, rollout_dtype="float32"),
+    "ours_reference": lambda a: run_ours(a, engine="generate", shared_prefix=False, rollout_dtype="float32"),
     "trl": lambda a: run_trl(a),
     # TRL's own default: bf16 mixed precision (autocast) with fp32 weights
     "trl_bf16": lambda a: run_trl(a, bf16=True),
