@@ -206,6 +206,10 @@ class RolloutConfig:
     # CPU attention at each one-token decode step: auto (over the key/value heads, the query
     # heads that share one packed together) | sdpa (transformers' own dispatch)
     attention: str = "auto"
+    # One-token decode steps (engine loop): auto (fused where the CPU has avx512_bf16 and the
+    # rollout weights are bf16 Llama/Qwen2) | fused (one C call a step, always; refused where
+    # the model is not one it computes) | eager (the transformers model, with linears/attention)
+    kernel: str = "auto"
     # --- rollout=vllm only ---
     gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU, colocated with training
     sleep: bool = True  # free vLLM's weights and KV cache during the update (sleep mode)
@@ -615,6 +619,7 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
     _one_of("rollout.linears", r.linears, ("auto", "plain"))
     _one_of("rollout.attention", r.attention, ("auto", "sdpa"))
+    _one_of("rollout.kernel", r.kernel, ("auto", "fused", "eager"))
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

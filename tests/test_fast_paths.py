@@ -383,10 +383,10 @@ def test_packed_linears_sample_exactly_what_plain_ones_do(tiny, monkeypatch):
     assert not any("forward" in m.__dict__ for m in low.modules())
     prompts = PROMPTS  # two lengths: left padding too
     torch.manual_seed(5)
-    packed = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
+    packed = HFRollout(max_new_tokens=8, kernel="eager").generate(low, tok, prompts, 3)
     monkeypatch.setattr(rollout_mod, "decode_linears", lambda model, rows_hint, mode: contextlib.nullcontext(0))
     torch.manual_seed(5)
-    plain = HFRollout(max_new_tokens=8).generate(low, tok, prompts, 3)
+    plain = HFRollout(max_new_tokens=8, kernel="eager").generate(low, tok, prompts, 3)
     assert torch.equal(packed.input_ids, plain.input_ids)
     torch.testing.assert_close(packed.sampler_logprobs, plain.sampler_logprobs, rtol=0, atol=0)
 

@@ -7,15 +7,20 @@ tokens than were sampled, and the log-probs would then be of text the policy nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from envs.base import Prompt
+from runner.rollout import fused_decode
 from runner.rollout.decode_attention import decode_attention
 from runner.rollout.decode_linears import decode_linears
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,16 +193,21 @@ class HFRollout:
 
     engine "loop" (default): prefill each distinct prompt once, copy its KV cache to the G
     rollouts of its group, then a lean sampling loop (no logits processors, stops when all
-    rows hit EOS; on CPU the linears run in the layout this machine is fastest at while it
-    runs: runner/rollout/decode_linears.py, and a one-token step's attention runs over the
-    key/value heads: runner/rollout/decode_attention.py). engine "generate": `model.generate`,
-    the reference path.
+    rows hit EOS). Its one-token steps run either in one C call (kernel "fused",
+    runner/rollout/fused_decode.py: bf16 Llama-family models on CPU) or through the
+    transformers model (kernel "eager"; on CPU the linears run in the layout this machine is
+    fastest at: runner/rollout/decode_linears.py, and the attention over the key/value heads:
+    runner/rollout/decode_attention.py); "auto" takes the fused step where the CPU has
+    avx512_bf16 and the model is one it computes. engine "generate": `model.generate`, the
+    reference path.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  engine: str = "loop", logprob_temperature: float = 1.0, linears: str = "auto",
-                 attention: str = "auto"):
+                 attention: str = "auto", kernel: str = "auto"):
         self.temperature = temperature
+        self.kernel = kernel  # rollout.kernel: auto | fused | eager (runner/rollout/fused_decode.py)
+        self._auto_said: set[str] = set()
         self.linears = linears  # rollout.linears: auto | plain (runner/rollout/decode_linears.py)
         self.attention = attention  # rollout.attention: auto | sdpa (runner/rollout/decode_attention.py)
         self.top_p = top_p
@@ -252,28 +262,55 @@ class HFRollout:
             sampler_logprobs=sampler_logprobs,
         )
 
+    def fused(self, model) -> bool:
+        """Whether this model's decode steps run in the fused kernel (rollout.kernel)."""
+        if self.kernel == "eager":
+            return False
+        if self.kernel == "fused":
+            reason = fused_decode.unsupported(model)
+            if reason is None:
+                try:
+                    fused_decode.library()
+                except RuntimeError as e:
+                    reason = str(e)
+            if reason:
+                raise ValueError(f"rollout.kernel=fused: {reason} (rollout.kernel=auto falls back to eager)")
+            return True
+        reason = fused_decode.available(model)
+        if reason and reason not in self._auto_said:  # said once per reason, not every rollout
+            self._auto_said.add(reason)
+            log.info("rollout.kernel=auto: eager decode steps (%s)", reason)
+        return reason is None
+
     def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
                      temperature) -> tuple[torch.Tensor, torch.Tensor]:
-        # inference mode: no autograd bookkeeping on the ~700 small ops of each decode step
-        # (~2 ms a token on the default model); its outputs are cloned out of it, since
+        # inference mode: no autograd bookkeeping on the ~700 small ops of each eager decode
+        # step (~2 ms a token on the default model); its outputs are cloned out of it, since
         # the training forward takes the sampled ids as inputs
-        with (torch.inference_mode(), decode_linears(model, prompt_ids.shape[0] * group_size, self.linears),
-              decode_attention(model, self.attention)):
-            tokens, logps = self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature)
+        fused = self.fused(model)
+        rows = prompt_ids.shape[0] * group_size
+        eager = contextlib.ExitStack()
+        if not fused:
+            eager.enter_context(decode_linears(model, rows, self.linears))
+            eager.enter_context(decode_attention(model, self.attention))
+        with torch.inference_mode(), eager:
+            tokens, logps = self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature,
+                                               fused)
         return tokens.clone(), logps.clone()
 
     def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
-                      temperature) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids(prompt_attn)
         out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
                     logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group_size)
         logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
-        attn = prompt_attn.repeat_interleave(group_size, dim=0)
-        next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
-        eos_t = torch.tensor(eos, device=logits.device)
         n = logits.shape[0]
+        if fused:
+            steps = _FusedSteps(model, out.past_key_values, prompt_attn, group_size, self.max_new_tokens)
+        else:
+            steps = _EagerSteps(model, out.past_key_values, prompt_attn, pos, group_size)
+        del out
+        eos_t = torch.tensor(eos, device=logits.device)
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
         active = torch.arange(n, device=logits.device)  # rows still decoding; finished ones leave the batch
         tokens, logps = [], []
@@ -288,17 +325,54 @@ class HFRollout:
             done[active] |= stopped
             if bool(done.all()) or t == self.max_new_tokens - 1:
                 break
-            if bool(stopped.any()):  # a finished row costs nothing more: drop it from the cache
+            if bool(stopped.any()):  # a finished row costs nothing more: it leaves the batch
                 keep = (~stopped).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                active, nxt, attn, next_pos = active[keep], nxt[keep], attn[keep], next_pos[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
+                steps.keep(keep)
+                active, nxt = active[keep], nxt[keep]
+            logits = steps(nxt)
         return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+class _EagerSteps:
+    """One-token steps through the transformers model and its KV cache."""
+
+    def __init__(self, model, cache, prompt_attn, pos, group_size):
+        cache.batch_repeat_interleave(group_size)
+        self.model, self.cache = model, cache
+        self.attn = prompt_attn.repeat_interleave(group_size, dim=0)
+        self.next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.attn, self.next_pos = self.attn[rows], self.next_pos[rows]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=1)
+        out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=self.attn, position_ids=self.next_pos,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]
+
+
+class _FusedSteps:
+    """One-token steps in the fused kernel, from the transformers prompt cache copied in;
+    a finished row keeps its cache slot, it is only no longer stepped."""
+
+    def __init__(self, model, cache, prompt_attn, group_size, max_new_tokens):
+        rows, P = prompt_attn.shape[0] * group_size, prompt_attn.shape[1]
+        self.decoder = fused_decode.FusedDecoder(model, rows, P + max_new_tokens)
+        self.t = self.decoder.load_prefill(cache, group_size, P - prompt_attn.sum(-1))
+        self.slots = torch.arange(rows, dtype=torch.int32)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.slots = self.slots[rows]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        # the logits live in the decoder's buffer until the next step: the loop reads them first
+        logits = self.decoder.step(tokens, self.slots, self.t)
+        self.t += 1
+        return logits
 
 
 def make_rollout(cfg, logprob_temperature: float = 1.0) -> HFRollout:
@@ -306,5 +380,5 @@ def make_rollout(cfg, logprob_temperature: float = 1.0) -> HFRollout:
     algo.loss_temperature, so the two are the same distribution whatever the sampling temperature)."""
     if cfg.name == "hf":
         return HFRollout(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.engine, logprob_temperature, cfg.linears,
-                         cfg.attention)
+                         cfg.attention, cfg.kernel)
     raise ValueError(f"rollout.name={cfg.name!r}: must be hf")
