@@ -37,7 +37,7 @@ def _peak_rss_gb() -> float:
 
 def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str = "none",
             rollout_dtype: str = "auto", precision: str = "fp32", rollout: str = "hf", lora: int = 0,
-            linears: str = "auto", padding_free: bool = True, attention: str = "auto"):
+            linears: str = "auto", padding_free: bool = True, attention: str = "auto", kernel: str = "auto"):
     from runner.config import validate
 
     model = {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"} if a.model == "tiny" else {}
@@ -49,7 +49,7 @@ def _config(a, engine: str = "loop", shared_prefix: bool = True, autocast: str =
         "shaper": {"name": "none"},
         "algo": {"group_size": a.group, "lr": 5e-5},
         "rollout": {"name": rollout, "max_new_tokens": a.new_tokens, "engine": engine, "dtype": rollout_dtype,
-                    "linears": linears, "attention": attention},
+                    "linears": linears, "attention": attention, "kernel": kernel},
         "trainer": {"device": a.device, "num_threads": a.threads, "shared_prefix": shared_prefix,
                     "autocast": autocast, "precision": precision, "padding_free": padding_free},
         "train": {"prompts_per_step": a.prompts},
@@ -249,6 +249,8 @@ SIDES = {
     "ours_padded": lambda a: run_ours(a, padding_free=False),
     # transformers' own SDPA dispatch at decode steps (rollout.attention=sdpa)
     "ours_sdpa_decode": lambda a: run_ours(a, attention="sdpa"),
+    # one-token decode steps through the transformers model, not the fused C step (rollout.kernel=eager)
+    "ours_eager_decode": lambda a: run_ours(a, kernel="eager"),
     # bf16 forward/backward weights (shared with the rollouts), fp32 master weights and AdamW
     "ours_bf16": lambda a: run_ours(a, precision="bf16"),
     "ours_autocast": lambda a: run_ours(a, autocast="bf16"),

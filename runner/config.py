@@ -620,6 +620,11 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("rollout.linears", r.linears, ("auto", "plain"))
     _one_of("rollout.attention", r.attention, ("auto", "sdpa"))
     _one_of("rollout.kernel", r.kernel, ("auto", "fused", "eager"))
+    if r.name == "hf" and r.kernel == "fused":  # what is known before the model loads (the rest: at set-up)
+        _check(r.dtype != "float32", "rollout.kernel", r.kernel,
+               "needs bfloat16 rollout weights, not rollout.dtype=float32 (rollout.kernel=auto falls back to eager)")
+        _check(c.trainer.device != "cuda", "rollout.kernel", r.kernel,
+               "is a CPU kernel, not with trainer.device=cuda (rollout.kernel=auto falls back to eager)")
     if a.overlong.enabled:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")

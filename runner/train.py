@@ -105,6 +105,7 @@ class Trainer:
         self.env = build_env(cfg.env, cfg.seed)
         # the sampler records log-probs at the loss's temperature: the same distribution the loss computes
         self.rollout = make_rollout(cfg.rollout, cfg.algo.loss_temperature) if cfg.rollout.name == "hf" else None
+        self.sampler = self.rollout  # the HF sampling loop itself, whatever wraps it below
         if hasattr(self.env, "new_game"):  # multi-turn: the environment answers between turns
             from runner.rollout.multiturn import MultiTurnRollout
 
@@ -157,6 +158,7 @@ class Trainer:
             self.start_vllm()
         else:
             self.rollout_model = self.backend.rollout_model(self.model, cfg.rollout.dtype, self.device)
+            self.sampler.fused(self.rollout_model)  # rollout.kernel=fused on a model it cannot run: refused now
         self.learner.rollout_differs = self.rollout_differs()
 
     def rollout_differs(self) -> bool:

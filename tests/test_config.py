@@ -70,6 +70,8 @@ def test_defaults_are_the_main_job():
         (["report=phases"], "report='phases': must be null, dice_post or phase"),
         (["algo.lr_schedule=step"], "algo.lr_schedule='step': must be one of constant, linear, cosine"),
         (["rollout.attention=eager"], "rollout.attention='eager': must be one of auto, sdpa"),
+        (["rollout.kernel=triton"], "rollout.kernel='triton': must be one of auto, fused, eager"),
+        (["rollout.kernel=fused", "rollout.dtype=float32"], "rollout.kernel='fused': needs bfloat16 rollout weights"),
     ],
 )
 def test_bad_values_name_the_key(overrides, first_line):
