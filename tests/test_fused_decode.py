@@ -41,8 +41,9 @@ def _float32_of(low):
 
 
 def _step_errors(low, steps: int = 6, rows: int = 5, lib=None):
-    """Max |logit - float32 logit| over `steps` one-token steps after a ragged prompt, for the
-    fused step and for the transformers bf16 step; and the fp32 logits' scale."""
+    """Max |logit - float32 logit| after a ragged prompt's prefill and `steps` - 1 one-token
+    steps, for the fused kernel and for the transformers bf16 model; the fp32 logits' scale;
+    the fused logits."""
     ref = _float32_of(low)
     g = torch.Generator().manual_seed(0)
     V = low.config.vocab_size
@@ -55,14 +56,15 @@ def _step_errors(low, steps: int = 6, rows: int = 5, lib=None):
     with torch.inference_mode():
         full = torch.cat([ids, toks.t()], 1)
         fa = torch.cat([attn, torch.ones(rows, steps, dtype=attn.dtype)], 1)
-        want = ref(input_ids=full, attention_mask=fa, position_ids=position_ids(fa)).logits[:, P:].float()
-        pre = low(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
-        dec = fused_decode.FusedDecoder(low, rows, P + steps, lib)
-        t = dec.load_prefill(pre.past_key_values, 1, P - attn.sum(-1))
+        # the logits after the prompt's last token and after each of the first steps - 1 tokens
+        want = ref(input_ids=full, attention_mask=fa, position_ids=position_ids(fa)).logits[:, P - 1:-1].float()
+        dec = fused_decode.FusedDecoder(low, rows, P + steps, max_batch=rows * P, lib=lib)
+        first = dec.prefill(ids, attn, 1).clone()
         slots = torch.arange(rows, dtype=torch.int32)
-        fused = torch.stack([dec.step(toks[i], slots, t + i).clone() for i in range(steps)], 1)
-        cache, a, pos, eager = pre.past_key_values, attn, position_ids(attn)[:, -1:] + 1, []
-        for i in range(steps):
+        fused = torch.stack([first] + [dec.step(toks[i], slots, P + i).clone() for i in range(steps - 1)], 1)
+        pre = low(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
+        cache, a, pos, eager = pre.past_key_values, attn, position_ids(attn)[:, -1:] + 1, [pre.logits[:, -1].float()]
+        for i in range(steps - 1):
             a = torch.cat([a, a.new_ones((rows, 1))], 1)
             out = low(input_ids=toks[i][:, None], attention_mask=a, position_ids=pos, past_key_values=cache,
                       use_cache=True)

@@ -67,7 +67,9 @@ static inline float exp_approx(float x) {
 
 /* ---------------------------------------------------------------- packing */
 
-/* Rows [0, N) of w (bf16 [N, K], row-major) into packed rows [n0, n0 + N) of out. */
+/* Rows [0, N) of w (bf16 [N, K], row-major) into packed rows [n0, n0 + N) of out (rows past
+ * the matrix in its last block are left unset: the products never store those lanes). A
+ * thread takes whole rows, read in order; a block's lines stay in cache across its 16 rows. */
 void fd_pack(const bf16 *w, int N, int K, bf16 *out, int n0) {
     const long half = K / 2;
 #pragma omp parallel for schedule(static)
@@ -75,10 +77,7 @@ void fd_pack(const bf16 *w, int N, int K, bf16 *out, int n0) {
         const int m = n0 + n;
         bf16 *blk = out + (long)(m / 16) * half * 32 + (m % 16) * 2;
         const bf16 *src = w + (long)n * K;
-        for (long kk = 0; kk < half; kk++) {
-            blk[kk * 32] = src[2 * kk];
-            blk[kk * 32 + 1] = src[2 * kk + 1];
-        }
+        for (long kk = 0; kk < half; kk++) memcpy(blk + kk * 32, src + 2 * kk, 4);
     }
 }
 
@@ -188,10 +187,10 @@ typedef struct {
     bf16 *kc, *vc;          /* [layers, max_rows, kv_heads, max_len, head_dim] */
     const float *cos, *sin; /* [max_len, head_dim] by position */
     const int32_t *start;   /* [max_rows]: first cache position a slot attends to (left padding) */
-    /* scratch, sized for max_rows */
-    float *h;               /* [max_rows, hidden] residual stream */
-    float *y;               /* [max_rows, max(hidden + 2 * kv_heads * head_dim, 2 * inter)] */
-    bf16 *x;                /* [max_rows, max(hidden, inter)] inputs of the linears */
+    /* scratch, sized for the most rows one call takes (n) */
+    float *h;               /* [n, hidden] residual stream */
+    float *y;               /* [n, max(hidden + 2 * kv_heads * head_dim, 2 * inter)] */
+    bf16 *x;                /* [n, max(hidden, inter)] inputs of the linears */
     float *scores;          /* [threads, heads / kv_heads, max_len] */
     float *buf;             /* [threads, buf_len]: a row's float32 values before their bf16 rounding */
     int buf_len;            /* >= max(hidden, inter) */
@@ -278,9 +277,13 @@ static void swiglu(const float *g, const float *u, int n, bf16 *a, float *buf) {
     to_bf16(buf, a, n);
 }
 
-/* tokens [n], slots [n] (cache row of each), t: the cache position written now (same for
- * every row: prompts are left-padded to one length). logits [n, vocab] out. */
-void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots, int t, float *logits) {
+/* One token for each of n rows: tokens [n], slots [n] (the cache row it belongs to), at [n]
+ * (the cache position it is written to; it attends to its slot's positions start..at).
+ * Rows of one slot at several positions are a prefill: all keys and values are written
+ * before any row attends, so each sees exactly its earlier positions. logits [n_out, vocab]:
+ * for rows out[0..n_out) only. */
+void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots, const int32_t *at, int n_out,
+             const int32_t *out, float *logits) {
     const int D = m->hidden, H = m->heads, KVH = m->kv_heads, HD = m->head_dim, I = m->inter;
     const int G = H / KVH, QKV = D + 2 * KVH * HD;
     const int ldy = QKV > 2 * I ? QKV : 2 * I; /* x rows are dense: stride = the next linear's K */
@@ -303,7 +306,7 @@ void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots,
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) { /* rotary on q and k; k and v into the cache */
                 float *y = m->y + (long)r * ldy;
-                const int pos = t - m->start[slots[r]];
+                const int t = at[r], pos = t - m->start[slots[r]];
                 const float *c = m->cos + (long)pos * HD, *s = m->sin + (long)pos * HD;
                 for (int hh = 0; hh < H; hh++) rope(y + hh * HD, c, s, HD);
                 for (int kv = 0; kv < KVH; kv++) {
@@ -316,7 +319,7 @@ void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots,
             }
 #pragma omp for schedule(static)
             for (int job = 0; job < n * KVH; job++) { /* the G query heads of one kv head */
-                const int r = job / KVH, kv = job % KVH, s0 = m->start[slots[r]], T = t + 1 - s0;
+                const int r = job / KVH, kv = job % KVH, s0 = m->start[slots[r]], T = at[r] + 1 - s0;
                 const long at = slots[r] * row_stride + ((long)kv * m->max_len + s0) * HD;
                 attend(m->y + (long)r * ldy + kv * G * HD, kc + at, vc + at, T, G, HD, scale, sc, m->max_len, buf);
                 to_bf16(buf, m->x + (long)r * D + kv * G * HD, G * HD);
@@ -345,7 +348,7 @@ void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots,
             }
         }
 #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++) rmsnorm_to_bf16(m->h + (long)r * D, m->norm, D, m->eps, m->x + (long)r * D, buf);
-        linear(m->x, n, D, m->lm_head, m->vocab, 0, logits, m->vocab);
+        for (int i = 0; i < n_out; i++) rmsnorm_to_bf16(m->h + (long)out[i] * D, m->norm, D, m->eps, m->x + (long)i * D, buf);
+        linear(m->x, n_out, D, m->lm_head, m->vocab, 0, logits, m->vocab);
     }
 }

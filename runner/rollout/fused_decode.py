@@ -113,8 +113,8 @@ def _load(march: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.fd_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.fd_pack.restype = None
-    lib.fd_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                            ctypes.c_void_p]
+    lib.fd_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.fd_step.restype = None
     return lib
 
@@ -192,11 +192,13 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 class FusedDecoder:
-    """Decode state of one rollout: packed weights, a KV cache of `max_rows` rows x `max_len`
-    positions, scratch. `load_prefill` copies a transformers prompt cache in; `step` runs one
-    token for the rows still decoding and returns their float32 logits."""
+    """Decode state of one rollout: packed weights, a KV cache of `slots` rows x `max_len`
+    positions, scratch for `max_batch` rows a call. `prefill` runs the prompts (each once,
+    its cache then copied to its group's slots), `step` one token for the rows still
+    decoding; both return float32 logits."""
 
-    def __init__(self, model, max_rows: int, max_len: int, lib: Optional[ctypes.CDLL] = None):
+    def __init__(self, model, slots: int, max_len: int, max_batch: Optional[int] = None,
+                 lib: Optional[ctypes.CDLL] = None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"rollout.kernel=fused: {reason}")
@@ -206,13 +208,15 @@ class FusedDecoder:
         L, D, I, V = len(layers), cfg.hidden_size, cfg.intermediate_size, model.lm_head.weight.shape[0]
         H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
         HD = D // H
-        self.lib, self.max_rows, self.max_len = lib, max_rows, max_len
+        max_batch = max(max_batch or slots, slots)
+        self.lib, self.slots, self.max_len, self.max_batch = lib, slots, max_len, max_batch
         keep = []  # every tensor whose pointer the C side holds
 
         def packed(weights: list[torch.Tensor]) -> torch.Tensor:
             n = sum(w.shape[0] for w in weights)
             k = weights[0].shape[1]
-            out = torch.zeros(((n + 15) // 16 * 16) * k, dtype=torch.bfloat16)
+            # the last block's rows past n are never stored (masked), so they need no zeros
+            out = torch.empty(((n + 15) // 16 * 16) * k, dtype=torch.bfloat16)
             row = 0
             for w in weights:
                 w = w.detach().contiguous()
@@ -254,50 +258,62 @@ class FusedDecoder:
         x = torch.zeros(1, 1, HD, dtype=torch.float32)
         cos, sin = inner.rotary_emb(x, torch.arange(max_len).unsqueeze(0))
         cos, sin = f32(cos[0]), f32(sin[0])
-        self.kc = torch.empty(L, max_rows, KVH, max_len, HD, dtype=torch.bfloat16)
+        self.kc = torch.empty(L, slots, KVH, max_len, HD, dtype=torch.bfloat16)
         self.vc = torch.empty_like(self.kc)
-        self.start = torch.zeros(max_rows, dtype=torch.int32)
+        self.start = torch.zeros(slots, dtype=torch.int32)
         threads = torch.get_num_threads()
-        h = torch.empty(max_rows, D)
-        y = torch.empty(max_rows, max(D + 2 * KVH * HD, 2 * I))
-        xb = torch.empty(max_rows, max(D, I), dtype=torch.bfloat16)
+        h = torch.empty(max_batch, D)
+        y = torch.empty(max_batch, max(D + 2 * KVH * HD, 2 * I))
+        xb = torch.empty(max_batch, max(D, I), dtype=torch.bfloat16)
         scores = torch.empty(threads, H // KVH, max_len)
         buf = torch.empty(threads, max(D, I))
-        self.logits = torch.empty(max_rows, V)
+        self.logits = torch.empty(slots, V)
         keep += [embed, self.kc, self.vc, self.start, h, y, xb, scores, buf]
         self._arrays = [_ptrs(v) for v in (ln1, ln2, wqkv, wo, wgu, wd, bqkv, bo, bgu, bd)]
         self._keep = keep
         eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        self._model = _Model(L, D, H, KVH, HD, I, V, max_len, max_rows, threads, eps,
+        self._model = _Model(L, D, H, KVH, HD, I, V, max_len, slots, threads, eps,
                              embed.data_ptr(), norm.data_ptr(), lm_head.data_ptr(),
                              *[ctypes.cast(a, _P) for a in self._arrays],
                              self.kc.data_ptr(), self.vc.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                              self.start.data_ptr(), h.data_ptr(), y.data_ptr(), xb.data_ptr(), scores.data_ptr(),
                              buf.data_ptr(), max(D, I))
-        # the (layer, kv head, position) layout the C side reads: checked against the config once
-        assert self.kc.shape == (L, max_rows, KVH, max_len, HD)
 
-    def load_prefill(self, cache, repeat: int, pad: torch.Tensor) -> int:
-        """Rows r*repeat .. r*repeat+repeat-1 get prompt r's cache; `pad` [prompts]: its left
-        padding. Returns the prompt length (the next position to write)."""
-        for l, layer in enumerate(cache.layers):
-            k, v = layer.keys, layer.values  # [prompts, kv heads, P, head dim]
-            P = k.shape[2]
-            n = k.shape[0] * repeat
-            if n > self.max_rows or P >= self.max_len:
-                raise ValueError(f"prefill of {n} rows x {P} positions does not fit {self.max_rows} x {self.max_len}")
-            self.kc[l, :n, :, :P].copy_(k.repeat_interleave(repeat, 0))
-            self.vc[l, :n, :, :P].copy_(v.repeat_interleave(repeat, 0))
-        self.start[:n].copy_(pad.repeat_interleave(repeat).to(torch.int32))
-        return P
+    def _run(self, tokens: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        if n > self.max_batch:
+            raise ValueError(f"{n} rows in one call, more than the {self.max_batch} this decoder has room for")
+        if n and (int(at.max()) >= self.max_len or int(slots.max()) >= self.slots):
+            raise ValueError(f"position or slot beyond the cache's {self.slots} slots x {self.max_len} positions")
+        tokens, slots = tokens.to(torch.int64).contiguous(), slots.to(torch.int32).contiguous()
+        at, out = at.to(torch.int32).contiguous(), out.to(torch.int32).contiguous()
+        logits = self.logits[: out.shape[0]]
+        self.lib.fd_step(ctypes.byref(self._model), n, tokens.data_ptr(), slots.data_ptr(), at.data_ptr(),
+                         out.shape[0], out.data_ptr(), logits.data_ptr())
+        return logits
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Left-padded prompts [prompts, P] into slots p*G .. p*G+G-1; the logits after each
+        prompt's last token, repeated for its G rows [prompts * G, vocab]."""
+        n_prompts, P = prompt_ids.shape
+        if n_prompts * group_size > self.slots or P >= self.max_len:
+            raise ValueError(f"{n_prompts} x {group_size} rows of {P} tokens do not fit {self.slots} x {self.max_len}")
+        pad = P - prompt_attn.sum(-1)
+        self.start[: n_prompts * group_size].copy_(pad.repeat_interleave(group_size).to(torch.int32))
+        real = prompt_attn.bool()  # padding is never attended to, so it is never computed
+        first = torch.arange(n_prompts) * group_size
+        slots = first[:, None].expand(-1, P)[real]
+        at = torch.arange(P)[None, :].expand(n_prompts, -1)[real]
+        last = real.sum(-1).cumsum(0) - 1  # each prompt's last token among the rows
+        logits = self._run(prompt_ids[real], slots, at, last)
+        for p in range(n_prompts):  # the group's other slots: the same prompt cache
+            f = int(first[p])
+            self.kc[:, f + 1:f + group_size, :, :P] = self.kc[:, f:f + 1, :, :P]
+            self.vc[:, f + 1:f + group_size, :, :P] = self.vc[:, f:f + 1, :, :P]
+        return logits.repeat_interleave(group_size, dim=0)
 
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, t: int) -> torch.Tensor:
-        """Logits [len(tokens), vocab] (float32) after each row's token at cache position t."""
+        """Logits [len(tokens), vocab] (float32, valid until the next call) after each row's
+        token at cache position t."""
         n = tokens.shape[0]
-        if t >= self.max_len:
-            raise ValueError(f"position {t} beyond the cache's {self.max_len}")
-        tokens = tokens.to(torch.int64).contiguous()
-        slots = slots.to(torch.int32).contiguous()
-        out = self.logits[:n]
-        self.lib.fd_step(ctypes.byref(self._model), n, tokens.data_ptr(), slots.data_ptr(), t, out.data_ptr())
-        return out
+        return self._run(tokens, slots, torch.full((n,), t, dtype=torch.int32), torch.arange(n, dtype=torch.int32))

@@ -300,16 +300,11 @@ class HFRollout:
 
     def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
                       temperature, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = position_ids(prompt_attn)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+        steps = (_FusedSteps(model, prompt_ids, prompt_attn, group_size, self.max_new_tokens) if fused
+                 else _EagerSteps(model, prompt_ids, prompt_attn, group_size))
+        logits = steps.first  # after each prompt's last token, one row per rollout
+        del steps.first
         n = logits.shape[0]
-        if fused:
-            steps = _FusedSteps(model, out.past_key_values, prompt_attn, group_size, self.max_new_tokens)
-        else:
-            steps = _EagerSteps(model, out.past_key_values, prompt_attn, pos, group_size)
-        del out
         eos_t = torch.tensor(eos, device=logits.device)
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
         active = torch.arange(n, device=logits.device)  # rows still decoding; finished ones leave the batch
@@ -334,11 +329,17 @@ class HFRollout:
 
 
 class _EagerSteps:
-    """One-token steps through the transformers model and its KV cache."""
+    """Steps through the transformers model: each prompt prefilled once, its KV cache
+    repeated for the G rows of its group, then one token a call."""
 
-    def __init__(self, model, cache, prompt_attn, pos, group_size):
-        cache.batch_repeat_interleave(group_size)
-        self.model, self.cache = model, cache
+    def __init__(self, model, prompt_ids, prompt_attn, group_size):
+        pos = position_ids(prompt_attn)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1)
+        self.first = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+        self.cache = out.past_key_values
+        self.cache.batch_repeat_interleave(group_size)
+        self.model = model
         self.attn = prompt_attn.repeat_interleave(group_size, dim=0)
         self.next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
 
@@ -356,13 +357,15 @@ class _EagerSteps:
 
 
 class _FusedSteps:
-    """One-token steps in the fused kernel, from the transformers prompt cache copied in;
-    a finished row keeps its cache slot, it is only no longer stepped."""
+    """Steps in the fused kernel, the prompts' prefill included (each prompt once, its cache
+    copied to its group's slots); a finished row keeps its slot, it is only no longer stepped."""
 
-    def __init__(self, model, cache, prompt_attn, group_size, max_new_tokens):
+    def __init__(self, model, prompt_ids, prompt_attn, group_size, max_new_tokens):
         rows, P = prompt_attn.shape[0] * group_size, prompt_attn.shape[1]
-        self.decoder = fused_decode.FusedDecoder(model, rows, P + max_new_tokens)
-        self.t = self.decoder.load_prefill(cache, group_size, P - prompt_attn.sum(-1))
+        self.decoder = fused_decode.FusedDecoder(model, rows, P + max_new_tokens,
+                                                 max_batch=max(rows, int(prompt_attn.sum())))
+        self.first = self.decoder.prefill(prompt_ids, prompt_attn, group_size)
+        self.t = P
         self.slots = torch.arange(rows, dtype=torch.int32)
 
     def keep(self, rows: torch.Tensor) -> None:
