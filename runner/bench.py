@@ -215,6 +215,41 @@ def matmul_gflops(threads: int | None) -> dict:
     return out
 
 
+def fused_gflops(threads: int | None, rows: int) -> float | None:
+    """The fused decode kernel's bf16 product rate at `rows` rows with its weight in cache
+    (a 3072 x 576 gate/up-sized matrix): the compute ceiling of a decode step that reads its
+    weights once; None where the kernel does not run (no avx512_bf16, no compiler)."""
+    import torch
+
+    from runner.rollout import fused_decode as fd
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not fd.has_bf16_dot():
+        return None
+    try:
+        lib = fd.library()
+    except RuntimeError:
+        return None
+    n, k = 3072, 576
+    packed = fd.pack(torch.randn(n, k), lib)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    best = _best_of(lambda: fd.linear(x, packed, n, lib), calls=50)
+    return 2 * rows * n * k / best / 1e9
+
+
+def _best_of(fn, calls: int) -> float:
+    """Best mean seconds a call over 5 runs of `calls` calls (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
 def read_gbs(threads: int | None) -> float:
     """Measured memory read bandwidth: summing a 512 MB tensor (larger than any cache)."""
     import torch
@@ -373,6 +408,13 @@ def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
     print(f"  generate   bandwidth limit {lim:.3f} s ({wbytes / 1e6:.0f} MB of rollout weights read per decode "
           f"step x {dec:.1f} decode steps (the longest completion) at {bw:.1f} GB/s measured)   {side} {got:.3f} s   "
           f"({got / lim:.1f}x)")
+    # many rows make a decode step compute-bound: its FLOPs at the bf16 kernel's own rate
+    rate = fused_gflops(a.threads, rows) if meta.get("rollout_bytes", 2) == 2 else None
+    if rate:
+        lim_c = fl["generate"] / rate / 1e9
+        print(f"  generate   bf16 compute limit {lim_c:.3f} s (its FLOPs at {rate:.0f} GFLOP/s, the fused kernel's "
+              f"product at {rows} rows, weights in cache)   {side} {got:.3f} s   ({got / lim_c:.1f}x); "
+              f"{got / max(lim, lim_c):.1f}x the larger of the two")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

@@ -200,3 +200,18 @@ def test_library_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(fused_decode, "_LIB", {})  # as a new process: read from the cache dir, not rebuilt
     fused_decode.library()
     assert list((tmp_path / "fused_decode").glob("*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+@pytest.mark.parametrize("rows,n,k", [(1, 16, 2), (13, 40, 10), (25, 3072 // 64, 64), (12, 200, 576)])
+def test_packed_product_is_the_linear_layer(march, rows, n, k):
+    """The products alone (fd_pack + the tiles): every row count up to and past a 12-row
+    tile, output counts that end in half a tile or mid-block, against F.linear in float64
+    on the same bf16 numbers."""
+    lib = fused_decode.library(march)
+    g = torch.Generator().manual_seed(rows * n)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    got = fused_decode.linear(x, fused_decode.pack(w, lib), n, lib)
+    want = torch.nn.functional.linear(x.double(), w.double()).float()
+    torch.testing.assert_close(got, want, atol=1e-4 * k ** 0.5, rtol=1e-5)

@@ -65,6 +65,25 @@ static inline float exp_approx(float x) {
     return p;
 }
 
+#if defined(__AVX512BF16__)
+/* exp_approx on 16 lanes (the same steps, so the same values) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(EXP_C6);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_cvttps_epi32(fi), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+#endif
+
 /* ---------------------------------------------------------------- packing */
 
 /* Rows [0, N) of w (bf16 [N, K], row-major) into packed rows [n0, n0 + N) of out (rows past
@@ -170,6 +189,13 @@ static void linear(const bf16 *x, int R, int K, const bf16 *w, int N, const floa
 #pragma omp barrier
 }
 
+/* y [R, N] = x [R, K] times packed W^T on `threads` threads: the products alone (the bench's
+ * compute ceiling for decoding) */
+void fd_linear(const bf16 *x, int R, int K, const bf16 *w, int N, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    linear(x, R, K, w, N, 0, y, N);
+}
+
 /* ------------------------------------------------------------------ model */
 
 typedef struct {
@@ -258,8 +284,17 @@ static void attend(const float *q, const bf16 *K, const bf16 *V, int T, int G, i
             mx = pg[j] > mx ? pg[j] : mx;
         }
         float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-        for (int j = 0; j < T; j++) {
+        int j = 0;
+#if defined(__AVX512BF16__)
+        __m512 zv = _mm512_setzero_ps();
+        for (; j + 16 <= T; j += 16) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + j), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(pg + j, e);
+            zv = _mm512_add_ps(zv, e);
+        }
+        z = _mm512_reduce_add_ps(zv);
+#endif
+        for (; j < T; j++) {
             pg[j] = exp_approx(pg[j] - mx);
             z += pg[j];
         }
@@ -270,10 +305,18 @@ static void attend(const float *q, const bf16 *K, const bf16 *V, int T, int G, i
     }
 }
 
+
 /* a = bf16(silu(g) * u) */
 static void swiglu(const float *g, const float *u, int n, bf16 *a, float *buf) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) buf[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+    int i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= n; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) buf[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
     to_bf16(buf, a, n);
 }
 

@@ -116,7 +116,29 @@ def _load(march: str) -> ctypes.CDLL:
     lib.fd_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.fd_step.restype = None
+    lib.fd_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_int]
+    lib.fd_linear.restype = None
     return lib
+
+
+def pack(weight: torch.Tensor, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """A bf16 [N, K] weight in the kernel's layout (flat)."""
+    lib = lib or library()
+    w = weight.detach().to(torch.bfloat16).contiguous()
+    out = torch.empty(((w.shape[0] + 15) // 16 * 16) * w.shape[1], dtype=torch.bfloat16)
+    lib.fd_pack(w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr(), 0)
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, n_out: int, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """x [R, K] (bf16) times a packed [n_out, K] weight, transposed: the kernel's product alone."""
+    lib = lib or library()
+    x = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(x.shape[0], n_out)
+    lib.fd_linear(x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), n_out, y.data_ptr(),
+                  torch.get_num_threads())
+    return y
 
 
 _P = ctypes.c_void_p
