@@ -195,11 +195,32 @@ def test_library_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path))
     fused_decode.library()
     built = list((tmp_path / "fused_decode").glob("*.so"))
+    assert (built[0].parent / (built[0].name + ".sha256")).read_text() == fused_decode._digest(built[0])
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(fused_decode, "_LIB", {})  # as a new process: read from the cache dir, not rebuilt
     fused_decode.library()
     assert list((tmp_path / "fused_decode").glob("*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(fused_decode, "_LIB", {})
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path))
+    # built by another process (this one must not have the file mapped while it is cut)
+    subprocess.run([sys.executable, "-c", "from runner.rollout import fused_decode as f; f.library('x86-64-v3')"],
+                   check=True)
+    (so,) = (tmp_path / "fused_decode").glob("*.so")
+    so.write_bytes(so.read_bytes()[:1000])  # truncated, as by a full disk or a copy cut short
+    monkeypatch.setattr(fused_decode, "_LIB", {})
+    lib = fused_decode.library("x86-64-v3")
+    w = torch.randn(20, 8).to(torch.bfloat16)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    torch.testing.assert_close(fused_decode.linear(x, fused_decode.pack(w, lib), 20, lib),
+                               torch.nn.functional.linear(x.float(), w.float()), atol=1e-4, rtol=1e-4)
+    assert so.stat().st_size > 1000
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3"])

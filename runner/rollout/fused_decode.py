@@ -91,6 +91,27 @@ def library(march: str = "native") -> ctypes.CDLL:
     return _LIB[march]
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _compile(cc: str, march: str, path: Path) -> None:
+    """Into a temporary name, renamed once whole, its SHA-256 beside it: a crash mid-build
+    leaves no half library, and a file damaged later is found before it is loaded (the
+    dynamic loader does not check: a truncated library kills the process with SIGBUS)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    cmd = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip().splitlines()[:3]}")
+    digest = path.with_name(path.name + ".sha256")
+    tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+    tmp_digest.write_text(_digest(tmp))
+    os.replace(tmp, path)
+    os.replace(tmp_digest, digest)
+
+
 def _load(march: str) -> ctypes.CDLL:
     from runner.models import cache_dir
 
@@ -100,17 +121,15 @@ def _load(march: str) -> ctypes.CDLL:
     out_dir = cache_dir() / "fused_decode"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"fused_decode-{march}-{_build_key(cc)}.so"
+    digest = path.with_name(path.name + ".sha256")
     with open(out_dir / ".build.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same key waits for it
+        if path.exists() and not (digest.exists() and digest.read_text().strip() == _digest(path)):
+            log.warning("fused decode kernel %s does not match its digest (damaged): building it again", path)
+            path.unlink()
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            cmd = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip().splitlines()[:3]}")
-            os.replace(tmp, path)
-    lib = ctypes.CDLL(str(path))
+            _compile(cc, march, path)
+        lib = ctypes.CDLL(str(path))
     lib.fd_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.fd_pack.restype = None
     lib.fd_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
