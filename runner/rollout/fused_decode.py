@@ -125,7 +125,8 @@ def _load(march: str) -> ctypes.CDLL:
     with open(out_dir / ".build.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same key waits for it
         if path.exists() and not (digest.exists() and digest.read_text().strip() == _digest(path)):
-            log.warning("fused decode kernel %s does not match its digest (damaged): building it again", path)
+            why = "does not match its digest (damaged)" if digest.exists() else "has no digest"
+            log.warning("fused decode kernel %s %s: building it again", path, why)
             path.unlink()
         if not path.exists():
             _compile(cc, march, path)
