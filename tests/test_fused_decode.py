@@ -236,3 +236,25 @@ def test_packed_product_is_the_linear_layer(march, rows, n, k):
     got = fused_decode.linear(x, fused_decode.pack(w, lib), n, lib)
     want = torch.nn.functional.linear(x.double(), w.double()).float()
     torch.testing.assert_close(got, want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+
+
+def test_the_same_bits_whatever_the_thread_count(tiny):
+    """Every sum runs in a fixed order inside one thread: a resumed run on another thread
+    count samples what the first one would have."""
+    low = low_precision_copy(tiny[0], torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, low.config.vocab_size, (2, 7), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0
+    toks = torch.randint(0, low.config.vocab_size, (6,), generator=g)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            dec = fused_decode.FusedDecoder(low, 6, 12, max_batch=14)
+            first = dec.prefill(ids, attn, 3).clone()
+            out[threads] = (first, dec.step(toks, torch.arange(6, dtype=torch.int32), 7).clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])

@@ -9,19 +9,23 @@ linears ran at 6-14 GB/s. `fused_decode.c` runs the step in one OpenMP region (o
 ~10 barriers a layer) with weights packed for AVX512-BF16 dot products, 12 rows x 32
 outputs a register tile; everything between the products is float32 in the same loop.
 
-What it is not: a second model. The prompt is prefilled by the transformers model (one
-forward per distinct prompt, as before), its KV cache copied in, and only the one-token
-steps run here; the weights are the rollout model's own bf16 parameters, re-laid out at the
-start of each rollout (~30 ms for the default model: they change after every update).
-It reads the architecture from the model's config and refuses (`unsupported` says why)
-anything it does not compute exactly: biases are taken where present, rope tables come
-from the model's own rotary module, so rope scaling types whose tables depend only on the
-position are covered.
+What it is not: a second model. The weights are the rollout model's own bf16 parameters,
+re-laid out at the start of each rollout (~45 ms for the default model: they change after
+every update); the prompts' prefill runs through the same call (all of a prompt's tokens as
+rows at their own positions: every key and value is written before any row attends, so each
+sees exactly its earlier positions), each distinct prompt once, its cache then copied to the
+G slots of its group. It reads the architecture from the model's config and refuses
+(`unsupported` says why) anything it does not compute exactly: biases are taken where
+present, rope tables come from the model's own rotary module, so rope scaling types whose
+tables depend only on the position are covered. Rows are independent and every sum runs in
+a fixed order inside one thread, so a step gives the same bits whatever the thread count.
 
 The shared library is compiled once per machine (`cc -O3 -march=native -fopenmp`, ~2 s)
 into the runner's cache dir, keyed by the source, the compiler and the CPU; it links the
 same OpenMP runtime torch loaded (libgomp.so.1), so the two share one thread pool and wait
-policy. Numerics: float32 residual stream, norms, rotary, attention and logits; the
+policy. The library is checked against its SHA-256 before it is loaded (a truncated
+shared object kills the process in the dynamic loader) and rebuilt when damaged.
+Numerics: float32 residual stream, norms, rotary, attention and logits; the
 linears' inputs and the KV cache in bf16, as in the transformers bf16 model (whose residual
 stream and logits are bf16): tested to be at least as close to a float32 forward as the
 transformers bf16 step.
