@@ -140,26 +140,32 @@ def assert_sampler_logprobs_match_training(model, b):
     torch.testing.assert_close(b.sampler_logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
 
 
-def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, monkeypatch):
-    """Rows that stop early are dropped from the KV cache; the rows still decoding must keep
-    exactly the probabilities the policy gives their tokens (a wrong cache row would not)."""
+def stop_rows_early(monkeypatch, model, tok) -> None:
+    """The sampler of runner.rollout.hf, made to write EOS for rows 0 and 3 at step 2 and
+    for row 4 at step 4 (the third of the 4 rows still decoding then)."""
     import runner.rollout.hf as rollout
 
-    model, tok = tiny
     eos = rollout.eos_token_ids(model, tok)[0]
     real = rollout.sample_next
     calls = {"n": 0}
 
-    def stop_some(logits, temperature, top_p):  # rows 0 and 3 stop at step 2, row 4 at step 4
+    def stop_some(logits, temperature, top_p):
         out = real(logits, temperature, top_p)
         calls["n"] += 1
         if calls["n"] == 2:
             out[[0, 3]] = eos
         if calls["n"] == 4:
-            out[2] = eos  # the third of the 4 rows still decoding: row 4 of the batch
+            out[2] = eos
         return out
 
     monkeypatch.setattr(rollout, "sample_next", stop_some)
+
+
+def test_finished_rows_leave_the_decode_batch_without_changing_the_others(tiny, monkeypatch):
+    """Rows that stop early are dropped from the KV cache; the rows still decoding must keep
+    exactly the probabilities the policy gives their tokens (a wrong cache row would not)."""
+    model, tok = tiny
+    stop_rows_early(monkeypatch, model, tok)
     torch.manual_seed(5)
     b = HFRollout(max_new_tokens=8).generate(model, tok, PROMPTS, 3)
     lengths = b.completion_lengths.tolist()

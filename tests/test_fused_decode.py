@@ -15,7 +15,7 @@ import torch
 from runner.backend import low_precision_copy
 from runner.rollout import fused_decode
 from runner.rollout.hf import HFRollout, position_ids
-from tests.test_fast_paths import PROMPTS, assert_sampler_logprobs_match_training
+from tests.test_fast_paths import PROMPTS, assert_sampler_logprobs_match_training, stop_rows_early
 
 
 def _qwen2_with_biases(vocab: int):
@@ -107,19 +107,7 @@ def test_fused_sampling_loop_matches_teacher_forcing_as_rows_finish(tiny, monkey
 
     model, tok = tiny
     low = low_precision_copy(model, torch.bfloat16).eval()
-    eos = rollout.eos_token_ids(low, tok)[0]
-    real, calls = rollout.sample_next, {"n": 0}
-
-    def stop_some(logits, temperature, top_p):  # rows 0 and 3 stop at step 2, row 4 at step 4
-        out = real(logits, temperature, top_p)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            out[[0, 3]] = eos
-        if calls["n"] == 4:
-            out[2] = eos
-        return out
-
-    monkeypatch.setattr(rollout, "sample_next", stop_some)
+    stop_rows_early(monkeypatch, low, tok)  # rows 0 and 3 stop at step 2, row 4 at step 4
     used = []
     monkeypatch.setattr(rollout._FusedSteps, "__call__", (lambda call: lambda self, t: used.append(len(t)) or
                                                           call(self, t))(rollout._FusedSteps.__call__))

@@ -301,10 +301,16 @@ static void attend(const float *q, const bf16 *K, const bf16 *V, int T, int G, i
         float *og = o + g * HD;
         for (int i = 0; i < HD; i++) og[i] = 0.0f;
         const float inv = 1.0f / z;
-        for (int j = 0; j < T; j++) axpy_bf16(og, pg[j] * inv, V + (long)j * HD, HD);
+        for (j = 0; j < T; j++) axpy_bf16(og, pg[j] * inv, V + (long)j * HD, HD);
     }
 }
 
+
+/* the residual stream: h += y */
+static void add_into(float *h, const float *y, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) h[i] += y[i];
+}
 
 /* a = bf16(silu(g) * u) */
 static void swiglu(const float *g, const float *u, int n, bf16 *a, float *buf) {
@@ -363,18 +369,16 @@ void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots,
 #pragma omp for schedule(static)
             for (int job = 0; job < n * KVH; job++) { /* the G query heads of one kv head */
                 const int r = job / KVH, kv = job % KVH, s0 = m->start[slots[r]], T = at[r] + 1 - s0;
-                const long at = slots[r] * row_stride + ((long)kv * m->max_len + s0) * HD;
-                attend(m->y + (long)r * ldy + kv * G * HD, kc + at, vc + at, T, G, HD, scale, sc, m->max_len, buf);
+                const long off = slots[r] * row_stride + ((long)kv * m->max_len + s0) * HD;
+                attend(m->y + (long)r * ldy + kv * G * HD, kc + off, vc + off, T, G, HD, scale, sc, m->max_len, buf);
                 to_bf16(buf, m->x + (long)r * D + kv * G * HD, G * HD);
             }
             /* attention output: x rows hold [heads * head_dim] = D values */
             linear(m->x, n, D, m->wo[l], D, m->bo[l], m->y, ldy);
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
-                float *h = m->h + (long)r * D;
-                const float *y = m->y + (long)r * ldy;
-                for (int i = 0; i < D; i++) h[i] += y[i];
-                rmsnorm_to_bf16(h, m->ln2[l], D, m->eps, m->x + (long)r * D, buf);
+                add_into(m->h + (long)r * D, m->y + (long)r * ldy, D);
+                rmsnorm_to_bf16(m->h + (long)r * D, m->ln2[l], D, m->eps, m->x + (long)r * D, buf);
             }
             linear(m->x, n, D, m->wgu[l], 2 * I, m->bgu[l], m->y, ldy);
 #pragma omp for schedule(static)
@@ -384,11 +388,7 @@ void fd_step(const Model *m, int n, const int64_t *tokens, const int32_t *slots,
             }
             linear(m->x, n, I, m->wd[l], D, m->bd[l], m->y, ldy);
 #pragma omp for schedule(static)
-            for (int r = 0; r < n; r++) {
-                float *h = m->h + (long)r * D;
-                const float *y = m->y + (long)r * ldy;
-                for (int i = 0; i < D; i++) h[i] += y[i];
-            }
+            for (int r = 0; r < n; r++) add_into(m->h + (long)r * D, m->y + (long)r * ldy, D);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_out; i++) rmsnorm_to_bf16(m->h + (long)out[i] * D, m->norm, D, m->eps, m->x + (long)i * D, buf);
