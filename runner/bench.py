@@ -231,23 +231,13 @@ def fused_gflops(threads: int | None, rows: int) -> float | None:
         lib = fd.library()
     except RuntimeError:
         return None
-    n, k = 3072, 576
-    packed = fd.pack(torch.randn(n, k), lib)
+    from runner.rollout.decode_linears import _best_time
+
+    n, k, calls = 3072, 576, 50
+    packed = fd.pack([torch.randn(n, k)], lib)
     x = torch.randn(rows, k).to(torch.bfloat16)
-    best = _best_of(lambda: fd.linear(x, packed, n, lib), calls=50)
+    best = _best_time(lambda: [fd.linear(x, packed, n, lib) for _ in range(calls)], repeats=5) / calls
     return 2 * rows * n * k / best / 1e9
-
-
-def _best_of(fn, calls: int) -> float:
-    """Best mean seconds a call over 5 runs of `calls` calls (after one warm-up)."""
-    fn()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
 
 
 def read_gbs(threads: int | None) -> float:

@@ -206,7 +206,7 @@ def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
     lib = fused_decode.library("x86-64-v3")
     w = torch.randn(20, 8).to(torch.bfloat16)
     x = torch.randn(3, 8).to(torch.bfloat16)
-    torch.testing.assert_close(fused_decode.linear(x, fused_decode.pack(w, lib), 20, lib),
+    torch.testing.assert_close(fused_decode.linear(x, fused_decode.pack([w], lib), 20, lib),
                                torch.nn.functional.linear(x.float(), w.float()), atol=1e-4, rtol=1e-4)
     assert so.stat().st_size > 1000
 
@@ -221,7 +221,7 @@ def test_packed_product_is_the_linear_layer(march, rows, n, k):
     g = torch.Generator().manual_seed(rows * n)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    got = fused_decode.linear(x, fused_decode.pack(w, lib), n, lib)
+    got = fused_decode.linear(x, fused_decode.pack([w], lib), n, lib)
     want = torch.nn.functional.linear(x.double(), w.double()).float()
     torch.testing.assert_close(got, want, atol=1e-4 * k ** 0.5, rtol=1e-5)
 

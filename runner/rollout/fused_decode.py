@@ -146,12 +146,18 @@ def _load(march: str) -> ctypes.CDLL:
     return lib
 
 
-def pack(weight: torch.Tensor, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
-    """A bf16 [N, K] weight in the kernel's layout (flat)."""
+def pack(weights: list[torch.Tensor], lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """bf16 [N_i, K] weights in the kernel's layout (flat), their rows one after another: one
+    product for projections that read the same input (q/k/v, gate/up). The last block's rows
+    past the total are never stored (masked), so they need no zeros."""
     lib = lib or library()
-    w = weight.detach().to(torch.bfloat16).contiguous()
-    out = torch.empty(((w.shape[0] + 15) // 16 * 16) * w.shape[1], dtype=torch.bfloat16)
-    lib.fd_pack(w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr(), 0)
+    n, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    out = torch.empty(((n + 15) // 16 * 16) * k, dtype=torch.bfloat16)
+    row = 0
+    for w in weights:
+        w = w.detach().to(torch.bfloat16).contiguous()
+        lib.fd_pack(w.data_ptr(), w.shape[0], k, out.data_ptr(), row)
+        row += w.shape[0]
     return out
 
 
@@ -219,9 +225,11 @@ def unsupported(model) -> Optional[str]:
     return None
 
 
-def available(model) -> Optional[str]:
-    """Why `rollout.kernel=auto` does not use the fused step here (None: it does)."""
-    if not has_bf16_dot():
+def available(model, need_bf16_dot: bool = True) -> Optional[str]:
+    """Why the fused step does not run this model here (None: it does). `rollout.kernel=auto`
+    also needs avx512_bf16 (elsewhere the plain-C products are no faster than eager);
+    `fused` runs wherever it builds."""
+    if need_bf16_dot and not has_bf16_dot():
         return "this CPU has no avx512_bf16"
     reason = unsupported(model)
     if reason:
@@ -259,17 +267,8 @@ class FusedDecoder:
         keep = []  # every tensor whose pointer the C side holds
 
         def packed(weights: list[torch.Tensor]) -> torch.Tensor:
-            n = sum(w.shape[0] for w in weights)
-            k = weights[0].shape[1]
-            # the last block's rows past n are never stored (masked), so they need no zeros
-            out = torch.empty(((n + 15) // 16 * 16) * k, dtype=torch.bfloat16)
-            row = 0
-            for w in weights:
-                w = w.detach().contiguous()
-                lib.fd_pack(w.data_ptr(), w.shape[0], k, out.data_ptr(), row)
-                row += w.shape[0]
-            keep.append(out)
-            return out
+            keep.append(pack(weights, lib))
+            return keep[-1]
 
         def bias(mods) -> Optional[torch.Tensor]:
             if all(m.bias is None for m in mods):

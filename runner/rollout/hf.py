@@ -267,12 +267,7 @@ class HFRollout:
         if self.kernel == "eager":
             return False
         if self.kernel == "fused":
-            reason = fused_decode.unsupported(model)
-            if reason is None:
-                try:
-                    fused_decode.library()
-                except RuntimeError as e:
-                    reason = str(e)
+            reason = fused_decode.available(model, need_bf16_dot=False)
             if reason:
                 raise ValueError(f"rollout.kernel=fused: {reason} (rollout.kernel=auto falls back to eager)")
             return True
