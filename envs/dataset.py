@@ -13,6 +13,11 @@ of the rows comes as a keyword list (`answer=[...]`). Several functions are summ
 `reward_weights`; a None from a function means "does not apply" and counts as 0. The answer
 key the shapers cluster on comes from `answer_key` (an import path, `(text) -> str | None`),
 by default the normalised final answer.
+
+The file is read once, when the env is built, and every row checked (`load_rows`): the
+preflight builds it, so a bad file (JSON that does not parse, bytes that are not UTF-8, no
+rows, no prompt column, an empty prompt, a damaged Parquet file or save_to_disk directory)
+is exit 2 with one line naming the key, the file and the line or row, before any model loads.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 from envs.base import INVALID, Prompt, Score, require
+from envs.data_files import _abs, load_rows  # noqa: F401  (load_rows: also the public loader)
+from runner.config import ConfigError
 from runner.plugins import import_object
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,18 +54,6 @@ def final_answer(text: str) -> Optional[str]:
             except ValueError:
                 return s or None
     return None
-
-
-def load_rows(path: str):
-    """A `datasets.Dataset` from a file or a save_to_disk directory (local only)."""
-    import datasets
-
-    p = Path(path).expanduser()
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-    datasets.disable_progress_bars()
-    return datasets.load_dataset(FORMATS[p.suffix.lower()], data_files=str(p), split="train")
 
 
 @dataclass
@@ -106,20 +101,18 @@ class DatasetEnv:
         self.funcs = [import_object(f, "env.reward_funcs") for f in self.reward_funcs]
         self.weights = [float(w) for w in (self.reward_weights or [1.0] * len(self.funcs))]
         self.key_fn = import_object(self.answer_key, "env.answer_key") if self.answer_key else final_answer
-        rows = load_rows(self.path)
-        if self.prompt_column not in rows.column_names:
-            raise ValueError(f"env.prompt_column={self.prompt_column!r}: not a column of {self.path} "
-                             f"(columns: {', '.join(rows.column_names)})")
+        # every row is read and checked here: a bad file is a ConfigError (exit 2) at the preflight
+        rows = load_rows(self.path, "env.path", self.prompt_column)
         order = list(range(len(rows)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         if self.eval_path:
-            held = load_rows(self.eval_path)
+            held = load_rows(self.eval_path, "env.eval_path", self.prompt_column)
             self.splits = {"train": (rows, order), "eval": (held, list(range(len(held))))}
         else:
             if len(order) <= self.eval_size:
-                raise ValueError(f"env.eval_size={self.eval_size}: {self.path} has only {len(order)} rows; "
-                                 f"hold out fewer or give env.eval_path")
+                raise ConfigError(f"env.eval_size={self.eval_size}: {_abs(self.path)} has only {len(order)} rows "
+                                  f"and at least one must be left to train on; hold out fewer or give env.eval_path")
             self.splits = {"train": (rows, order[:-self.eval_size]), "eval": (rows, order[-self.eval_size:])}
 
     # -- prompts ---------------------------------------------------------------------------

@@ -449,9 +449,9 @@ class DeepSpeedBackend(TorchBackend):
         finished, so a crash mid-save leaves the previous tag in charge."""
         root = directory / "deepspeed"
         tag = f"step-{step:08d}"
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"runner": state}, save_latest=False)
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"runner": ckpt.plain(state)}, save_latest=False)
         # per-rank state: RNG streams and counters (DeepSpeed's client_state is rank 0's only)
-        torch.save({"rng": ckpt.rng_state(), "counters": state.get("counters", {})},
+        torch.save(ckpt.plain({"rng": ckpt.rng_state(), "counters": state.get("counters", {})}),
                    root / tag / f"rank{self.rank}.pt")
         self.barrier()
         if self.is_main:
@@ -477,8 +477,13 @@ class DeepSpeedBackend(TorchBackend):
                     f"checkpoint {root / tag} was written by {meta['world']} processes; resume it with "
                     f"trainer.num_procs={meta['world']} (this run has {self.world})")
             try:
-                path, client = self.engine.load_checkpoint(str(root), tag=tag)
-            except Exception as e:  # a corrupt shard: fall back to the previous tag
+                # DeepSpeed's own torch.load calls ask for weights_only=False: forced to the
+                # weights-only unpickler and the allow-list here (runner/checkpoint.py)
+                with ckpt.weights_only_loads(deepspeed=True):
+                    path, client = self.engine.load_checkpoint(str(root), tag=tag)
+                mine = ckpt.read(root / tag / f"rank{self.rank}.pt")
+            except Exception as e:  # a corrupt or unsafe shard: fall back to the previous tag
+                e = _named_unsafe(e, root / tag)
                 log.warning("DeepSpeed checkpoint %s failed to load (%s); trying the previous one", tag, e)
                 problems.append(f"{tag}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
@@ -486,7 +491,6 @@ class DeepSpeedBackend(TorchBackend):
                 log.warning("DeepSpeed checkpoint %s is incomplete; trying the previous one", tag)
                 problems.append(f"{tag}: incomplete")
                 continue
-            mine = torch.load(root / tag / f"rank{self.rank}.pt", weights_only=False)
             ckpt.set_rng_state(mine["rng"])
             return {**client["runner"], "counters": mine["counters"], "step": meta["step"]}
         return None
@@ -510,6 +514,16 @@ class DeepSpeedBackend(TorchBackend):
         if self.dist.is_initialized():
             self.dist.barrier()
             self.dist.destroy_process_group()
+
+
+def _named_unsafe(e: Exception, tag_dir: Path) -> Exception:
+    """A DeepSpeed load the weights-only unpickler stopped, as UnsafeCheckpoint naming the file."""
+    import pickle
+
+    if isinstance(e, ckpt.UnsafeCheckpoint) or not isinstance(e, pickle.UnpicklingError):
+        return e
+    bad = [f for f in sorted(tag_dir.glob("*.pt")) if ckpt.unsafe_globals(f, deepspeed=True)]
+    return ckpt.unsafe(bad[0] if bad else tag_dir, deepspeed=True)
 
 
 def complete_tags(root: Path) -> list[str]:

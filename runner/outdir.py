@@ -90,12 +90,38 @@ def unlock(output_dir: Path) -> None:
 
 
 # -- the record ---------------------------------------------------------------------------
+# the record's fields and their types: anything else in a field is damage, not data
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "tracking_uri": (str,), "experiment": (str,), "status": (str,), "stop_reason": (str,),
+    "checkpoint_step": (int,), "final_step": (int,), "checkpoints_dropped": (bool,)}
+
+
+class DamagedRecord(OutputDirError):
+    """run_state.json exists but cannot be read as a record (exit 2, nothing touched)."""
+
+
 def read_record(output_dir: Path) -> dict[str, Any]:
+    """The dir's record; {} only when there is none. A damaged one is refused, never taken as
+    absent: it names the MLflow run the dir's checkpoints belong to, and without it the same
+    command would start a second run (a finished run an empty twin, a killed one split in two)."""
     path = output_dir / STATE_FILE
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
+    if not path.exists():
         return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        for key, types in RECORD_FIELDS.items():
+            value = data.get(key)
+            if value is not None and (not isinstance(value, types) or (bool in types) != isinstance(value, bool)):
+                raise ValueError(f"{key} is {value!r}")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise DamagedRecord(
+            f"{path} is damaged ({why}); nothing was changed. It records which MLflow run this dir's checkpoints "
+            f"belong to: restore it, or pass train.resume=never to keep this run's files in previous/ and start a "
+            f"new run here, or use another output_dir") from None
+    return data
 
 
 def update_record(output_dir: Path, **fields: Any) -> None:
@@ -121,6 +147,12 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def has_run(output_dir: Path) -> bool:
     """Whether the dir already belongs to a tracked run (a record, or a spooled creation)."""
     return (output_dir / STATE_FILE).exists() or (output_dir / SPOOL_FILE).exists()
+
+
+def has_checkpoints(output_dir: Path) -> bool:
+    """Whether any checkpoint file is there (either trainer's), readable or not."""
+    d = output_dir / "checkpoints"
+    return d.is_dir() and (any(d.glob("ckpt-*.pt")) or any((d / "deepspeed").glob("*/COMPLETE")))
 
 
 # -- the decision -------------------------------------------------------------------------
@@ -160,6 +192,12 @@ def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional
     if mode == "never":
         moved = set_aside(output_dir)
         return Resume("fresh", notes=[f"train.resume=never: the previous run's files are in {moved}"])
+    if not has_run(output_dir) and has_checkpoints(output_dir):
+        # the record (or the spool with the run's creation) is gone: a resume would log into a new run
+        raise OutputDirError(
+            f"output_dir {output_dir} holds checkpoints but no {STATE_FILE} (which MLflow run they belong to); "
+            f"nothing was changed: restore it, or pass train.resume=never to keep these files in previous/ and "
+            f"start a new run here, or use another output_dir")
     record = read_record(output_dir)
     if (record.get("status") == "FINISHED" and record.get("stop_reason") == "completed"
             and int(record.get("final_step", -1)) >= steps):

@@ -3,6 +3,8 @@ trainer=torch, LoRA merged in; train.export=false writes none. Short CLI jobs on
 
 import torch
 
+from runner import checkpoint as ckpt
+
 from conftest import only_run, run_cli
 
 FAST = ["model=tiny", "train.eval_every=0", "train.eval_samples=4", "train.final_eval_samples=4",
@@ -20,7 +22,7 @@ def test_torch_trainer_exports_weights_that_load_and_sample(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(out / "hf_model")
     tok = AutoTokenizer.from_pretrained(out / "hf_model")
     # the same weights as the final checkpoint's
-    state = torch.load(out / "checkpoints" / "ckpt-00000002.pt", map_location="cpu", weights_only=False)["model"]
+    state = ckpt.read(out / "checkpoints" / "ckpt-00000002.pt")["model"]
     mine = exported.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in state.items() if k in mine)
     enc = tok(["roll a dice."], return_tensors="pt")
@@ -36,5 +38,5 @@ def test_export_false_writes_none_and_a_lora_run_from_the_command_line(tmp_path)
     assert not (off / "hf_model").exists()
     run, _ = only_run(tmp_path)
     assert "hf_model" not in run.data.tags and run.data.params["model.lora.r"] == "8"
-    ck = torch.load(off / "checkpoints" / "ckpt-00000001.pt", map_location="cpu", weights_only=False)["model"]
+    ck = ckpt.read(off / "checkpoints" / "ckpt-00000001.pt")["model"]
     assert ck and all(".lora_" in k for k in ck)  # the adapters alone

@@ -10,6 +10,8 @@ import time
 
 import pytest
 import torch
+
+from runner import checkpoint as ckpt
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -39,7 +41,7 @@ def history(c, run_id, key):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return ckpt.read(path)["model"]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):

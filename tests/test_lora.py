@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from envs import Prompt
+from runner import checkpoint as ckpt
 from runner import lora
 from runner.algo.forward import sequence_logprobs
 from runner.algo.loss import BatchNorm, LossConfig, advantages, policy_loss
@@ -180,7 +181,7 @@ def test_shared_prefix_forward_equals_plain_forward_through_peft(tiny):
 def test_checkpoint_holds_the_adapters_and_a_resume_restores_them(trained):
     t, _, _ = trained
     path = t.save_checkpoint()
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = ckpt.read(path)
     assert set(saved["model"]) == {n for n, p in t.model.named_parameters() if p.requires_grad}
     assert len(saved["optimizer"]["state"]) == len(saved["model"])  # Adam's moments of the adapters alone
     t2, _ = trainer(t.cfg, t.output_dir)

@@ -90,16 +90,42 @@ def _chat_renderer(d: Path):
     return render
 
 
-def prompt_tokens(c: Any, tok_dir: Optional[Path]) -> tuple[int, Optional[int]]:
-    """(the longest prompt in tokens among the first step's and the held-out ones, the
-    number of held-out prompts or None); (0, None) where it cannot be told cheaply."""
+def env_prompts(c: Any) -> tuple[list, Optional[list]]:
+    """(the first step's prompts, the held-out ones or None), from the environment built as
+    the run will build it; ([], None) where that fails. A ConfigError it raises is this
+    command's refusal and goes through: the dataset env reads and checks its whole file here
+    (envs/dataset.py load_rows, which the run's own build then finds cached), so a bad file
+    is exit 2 before any model loads. Any other error is reported when the run builds it."""
     try:
         from runner.plugins import build_env
 
         env = build_env(c.env, c.seed)
         prompts = list(env.prompts(0, c.train.prompts_per_step))
-        heldout = list(env.eval_prompts()) if hasattr(env, "eval_prompts") else None
-    except Exception:  # the environment's own error is reported when the run builds it
+        return prompts, (list(env.eval_prompts()) if hasattr(env, "eval_prompts") else None)
+    except Exception as e:
+        refusal = _config_error(e)
+        if refusal is not None:
+            raise refusal from None
+        return [], None
+
+
+def _config_error(e: Optional[BaseException]) -> Optional[ConfigError]:
+    """The ConfigError behind `e`: Hydra's instantiate wraps what the target raises in an
+    InstantiationException (raised from it), which would hide the one-line refusal."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ConfigError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def prompt_tokens(c: Any, tok_dir: Optional[Path]) -> tuple[int, Optional[int]]:
+    """(the longest prompt in tokens among the first step's and the held-out ones, the
+    number of held-out prompts or None); (0, None) where it cannot be told cheaply."""
+    prompts, heldout = env_prompts(c)
+    if not prompts:
         return 0, None
     n_heldout = len(heldout) if heldout is not None else None
     if tok_dir is None:
@@ -159,10 +185,10 @@ def check_fits(c: Any, device: str, model_dir: Optional[Path]) -> None:
     cannot run."""
     m = c.model
     tok_dir = tokenizer_dir(m, model_dir)
+    prompt, n_heldout = prompt_tokens(c, tok_dir)  # first: it builds the env, whose bad data is refused
     shape = model_shape(c, model_dir, tok_dir)
     if shape is None:
         return
-    prompt, n_heldout = prompt_tokens(c, tok_dir)
     new = c.rollout.max_new_tokens
     ctx = shape["context"]
     if ctx and prompt + new > ctx:
