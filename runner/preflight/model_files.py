@@ -70,19 +70,14 @@ def _preset(name: str) -> Optional[Any]:
 
 def check_model(m: Any) -> Optional[Path]:
     """The model's files are on this machine. Returns the directory whose config.json
-    describes the weights (None: the tiny model, or a GGUF not converted yet)."""
-    from runner.models import prepared_dir
-
+    describes the weights (None: the tiny model, or a GGUF not converted yet or damaged)."""
     if m.tokenizer_from and _preset(m.tokenizer_from) is None:
         raise ConfigError(f"model.tokenizer_from={m.tokenizer_from!r}: no such model preset; allowed: "
                           f"{', '.join(group_options('model'))}")
     if m.source in ("gguf", "tiny") and m.gguf_package:
-        d = prepared_dir(m.gguf_package, m.gguf_file or "")
-        if not (d / "config.json").is_file() and importlib.util.find_spec(m.gguf_package) is None:
-            raise ConfigError(f"model.gguf_package={m.gguf_package!r}: is not installed and its model was not "
-                              f"converted yet ({d}); run `make setup`")
+        d = verified_cache(m.gguf_package, m.gguf_file or "")
         if m.source == "gguf":
-            return d if (d / "config.json").is_file() else None
+            return d  # None: converted (again) when the model loads
     if m.source != "pretrained":
         return None
     path = os.path.expanduser(m.path)
@@ -100,20 +95,36 @@ def check_model(m: Any) -> Optional[Path]:
     return snap
 
 
+def verified_cache(package: str, filename: str) -> Optional[Path]:
+    """The converted model directory if it verifies against its digests (runner.models
+    cache_problem), so nothing here reads a damaged config or tokenizer; None where it must
+    be converted (again) from the GGUF, which the model's loading does; refused in one line
+    where there is no GGUF to convert from."""
+    from runner.models import cache_problem, prepared_dir
+
+    d = prepared_dir(package, filename)
+    problem = cache_problem(d)
+    if problem is None:
+        return d
+    if importlib.util.find_spec(package) is None:
+        state = "was not converted yet" if problem == "not converted yet" else f"is damaged ({problem})"
+        raise ConfigError(f"model.gguf_package={package!r}: is not installed and its converted model {d} {state}; "
+                          f"run `make setup`")
+    return None
+
+
 def tokenizer_dir(m: Any, model_dir: Optional[Path]) -> Optional[Path]:
     """Where runner.models.load_tokenizer will read the tokenizer from, if it is here already."""
-    from runner.models import prepared_dir
-
     d: Optional[Path] = None
     if m.tokenizer_from:
         node = _preset(m.tokenizer_from)
         if node is not None and node.get("source") == "gguf":
-            d = prepared_dir(node.gguf_package, node.gguf_file)
+            d = verified_cache(node.gguf_package, node.gguf_file)
         elif node is not None and node.get("path"):
             p = os.path.expanduser(node.path)
             d = Path(p) if os.path.isdir(p) else (hub_snapshot(node.path) if _is_hub_id(node.path) else None)
     elif m.source in ("tiny", "gguf") and m.gguf_package:
-        d = prepared_dir(m.gguf_package, m.gguf_file or "")
+        d = verified_cache(m.gguf_package, m.gguf_file or "")
     else:
         d = model_dir
     return d if d is not None and (d / "tokenizer.json").is_file() else None
