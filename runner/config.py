@@ -307,6 +307,16 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     # zero: a reward function that raises gives that rollout reward 0 (counted, logged); fail: stop.
     on_reward_error: str = "zero"
+    # Seconds one reward call (the environment's score or score_batch, a dataset's reward
+    # functions; training and evaluation) may take: one past it is a reward error under
+    # on_reward_error, with a warning saying where it hung. 0 or null: no limit.
+    reward_timeout_s: Optional[float] = 60.0
+    # After the first SIGINT/SIGTERM, seconds the current step may take to finish: past them a
+    # step whose optimizer step has not begun is abandoned, the previous step's checkpoint
+    # written and the run marked KILLED as for any signal stop. 15 leaves time for that within
+    # the 30 s a scheduler (Slurm's KillWait, Kubernetes' grace period) gives before SIGKILL.
+    # null: wait for the step however long it takes (trainer=deepspeed always does).
+    stop_grace_s: Optional[float] = 15.0
     # Stop (as finished, with the final evaluation) once this many rollout tokens have been
     # generated, FR3E base trajectories included: compares rollout strategies or group sizes
     # at an equal generation budget. train.steps stays the upper bound.
@@ -669,6 +679,10 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
     _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
+    _check(t.reward_timeout_s is None or t.reward_timeout_s >= 0, "train.reward_timeout_s", t.reward_timeout_s,
+           "must be >= 0 seconds (0 or null: no timeout)")
+    _check(t.stop_grace_s is None or t.stop_grace_s >= 0, "train.stop_grace_s", t.stop_grace_s,
+           "must be >= 0 seconds, or null (wait for the step however long it takes)")
     _one_of("train.resume", t.resume, ("auto", "force", "never"))
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",

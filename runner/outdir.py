@@ -37,13 +37,14 @@ STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".runner.lock"
 SPOOL_FILE = "mlflow_spool.jsonl"
+JOURNAL_FILE = "mlflow_journal.jsonl"  # every tracking record of the run (runner.track.recovery)
 # Keys that may change between a run and its resume: how long to go on, how often to
 # evaluate/checkpoint, what may be spent, threads. Nothing that changes what a step computes
 # (train.steps does reshape a decaying lr schedule: the change is recorded as a tag).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.final_eval_samples",
              "train.checkpoint_every", "train.keep_checkpoints", "train.background_commit", "train.sample_table_rows",
              "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export",
-             "train.keep_final_checkpoint", "budget.",
+             "train.keep_final_checkpoint", "train.reward_timeout_s", "train.stop_grace_s", "budget.",
              "trainer.num_threads", "tracking.flush_every", "tracking.samples_every",
              "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "output_dir", "objective", "report")
 
@@ -93,7 +94,7 @@ def unlock(output_dir: Path) -> None:
 # the record's fields and their types: anything else in a field is damage, not data
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "tracking_uri": (str,), "experiment": (str,), "status": (str,), "stop_reason": (str,),
-    "checkpoint_step": (int,), "final_step": (int,), "checkpoints_dropped": (bool,)}
+    "checkpoint_step": (int,), "final_step": (int,), "checkpoints_dropped": (bool,), "tracking_lost": (str,)}
 
 
 class DamagedRecord(OutputDirError):
@@ -232,9 +233,30 @@ def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional
             res.tracking_uri = was  # the run's own store, wherever this command runs from
         elif tracking_uri != was and mode != "force":
             raise OutputDirError(f"output_dir {output_dir} logs to MLflow at {was}, this command to {tracking_uri}; "
-                                 f"pass tracking.uri={was} (or train.resume=force to continue in a new MLflow run "
-                                 f"in {tracking_uri})")
+                                 f"pass tracking.uri={was} (or train.resume=force to copy the run into "
+                                 f"{tracking_uri} and continue it there)")
+        elif tracking_uri != was and not journaled(output_dir):
+            raise OutputDirError(f"train.resume=force into {tracking_uri}: output_dir {output_dir} has no tracking "
+                                 f"journal ({JOURNAL_FILE}, written since runner's journals) to copy its run in {was} "
+                                 f"from, so the new store would hold the later steps only; nothing was changed: pass "
+                                 f"tracking.uri={was}, or train.resume=never to start a new run here")
     return res
+
+
+def journaled(output_dir: Path) -> bool:
+    """Whether the dir's tracking journal holds the run's creation (so the run can be copied)."""
+    path = output_dir / JOURNAL_FILE
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("op") == "create":
+                        return True
+                except (ValueError, AttributeError):
+                    continue
+    except OSError:
+        pass
+    return False
 
 
 def check_loaded(output_dir: Path, state: Optional[dict], problems: list[str], mode: str) -> str:

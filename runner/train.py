@@ -11,16 +11,20 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from runner import outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
 from runner.budget import CostMeter, SweepLedger
+from runner.checkpoint import rng_state, set_rng_state
 from runner.config import RunConfig
 from runner.loop import ending, run_state
 from runner.loop.ending import CLEAN_EXIT_REASONS, FINISHED_REASONS  # noqa: F401  (the entry points' exit codes)
@@ -61,13 +65,28 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
+class StepAbandoned(KeyboardInterrupt):
+    """The step in progress had not finished train.stop_grace_s after the first stop signal,
+    and its optimizer step had not begun: raised in it by StopFlag, caught by the loop, which
+    stops at the previous step. A KeyboardInterrupt, as the second signal's is: a reward
+    function's `except Exception` lets it through."""
+
+
 class StopFlag:
     """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one
-    interrupts at once (the last checkpoint is still there)."""
+    interrupts at once (the last checkpoint is still there). A step that has not finished
+    `grace_s` after the first signal (a hung reward function; one SIGTERM is all a scheduler
+    sends before SIGKILL) is abandoned if it is still `abandonable`: the timer sends the
+    main thread the same signal again, and the handler raises StepAbandoned there instead
+    of KeyboardInterrupt. Past the step's optimizer step (`commit`) it runs to its end."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: Optional[float] = None) -> None:
         self.reason: Optional[str] = None
+        self.grace_s = grace_s  # None: wait for the step however long it takes
         self._old: dict[int, Any] = {}
+        self._timer: Optional[threading.Timer] = None
+        self._grace_over = False  # set by the timer thread just before its signal
+        self._abandonable = False  # main thread only
 
     def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,14 +94,55 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._cancel()  # before the handlers go: the timer's signal must never reach the old ones
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    @contextmanager
+    def abandonable(self) -> Iterator[None]:
+        """The block (one step) may be abandoned from the grace timer until `commit`."""
+        self._abandonable = True
+        try:
+            yield
+        finally:
+            self._abandonable = False
+            if self.reason is not None:
+                self._cancel()  # the step the grace was for is over: the loop stops here
+
+    def commit(self) -> None:
+        """The optimizer is about to change the weights: the step can no longer be abandoned."""
+        self._abandonable = False
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if self._grace_over:  # the timer's own signal
+            self._grace_over = False
+            if self._abandonable:
+                self._abandonable = False
+                raise StepAbandoned(f"{signal.Signals(signum).name}: the step had not finished "
+                                    f"train.stop_grace_s={self.grace_s:g} s later")
+            return  # past its optimizer step: it finishes, as without a grace period
         if self.reason is not None:
             raise KeyboardInterrupt
         self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now)", file=sys.stderr)
+        grace = (f"; a step not done in {self.grace_s:g} s is abandoned and the previous one kept"
+                 if self.grace_s is not None else "")
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now{grace})",
+              file=sys.stderr)
+        if self.grace_s is not None:
+            self._timer = threading.Timer(self.grace_s, self._expire, (signum, threading.main_thread().ident))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self, signum: int, main: int) -> None:
+        """On the timer thread: wake the main thread, even from a blocking call, with the same signal."""
+        self._grace_over = True
+        signal.pthread_kill(main, signum)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()  # a signal it sent is handled before this returns
+            self._timer = None
 
 
 def pick_device(name: str) -> str:
@@ -123,6 +183,7 @@ class Trainer:
         self.final_metrics: dict[str, float] = {}
         self.backend = make_backend(cfg)
         self.collector = Collector(cfg, self.env, self.backend, output_dir)
+        self.stop = StopFlag()  # fit's, while it runs (signals and the grace period)
         self.saver = Saver(self.backend.save, self.ckpt_dir, cfg.train.keep_checkpoints, self.checkpoint_durable)
 
     # -- set-up --------------------------------------------------------------------------
@@ -148,7 +209,7 @@ class Trainer:
                          betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.weight_decay)
         self.model, self.opt = self.backend.wrap(model, opt)
         self.learner = Learner(cfg, self.backend, self.tok, self.opt, self.autocast, self.push_weights, ref,
-                               before_update=self.saver.wait_written)
+                               before_update=self.before_update)
         problems: list[str] = []
         state = self.backend.load(self.ckpt_dir, problems)
         self.fell_back = outdir.check_loaded(self.output_dir, state, problems, cfg.train.resume)
@@ -285,8 +346,11 @@ class Trainer:
     def save_checkpoint(self, wait: bool = True) -> Optional[Path]:
         """This step's checkpoint; wait=False leaves its serialization and commit to a thread (runner/loop/saver.py)."""
         if not self.weights_finite():
-            raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large?); "
-                                 f"no checkpoint written, the one at step {self.last_ckpt_step} is kept")
+            kept = (f"the one at step {self.last_ckpt_step} is kept" if self.saver.last_step or
+                    outdir.has_checkpoints(self.output_dir) else "none had been written")
+            raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large? if "
+                                 f"step 1 was already non-finite, check the model's files); no checkpoint "
+                                 f"written, {kept}")
         # a copy: on a thread, the checkpoint is serialized while the next step changes these
         return self.saver.save(self.step, copy.deepcopy(run_state.snapshot(self)), wait)
 
@@ -319,11 +383,18 @@ class Trainer:
         every = self.cfg.train.eval_every
         return bool(every) and step % every == 0 and step < self.cfg.train.steps
 
+    def before_update(self) -> None:
+        """The learner is about to step the optimizer: from here this step cannot be abandoned
+        (the weights change), and a checkpoint on a thread must be done reading them."""
+        self.stop.commit()
+        self.saver.wait_written()
+
     def fit(self, stop: StopFlag) -> str:
         """Train to train.steps; returns why it stopped: completed, budget or a signal name."""
         from tqdm import tqdm
 
         cfg = self.cfg
+        self.stop = stop
         total = cfg.train.steps
         cap_tokens = cfg.train.max_generated_tokens
         bar = tqdm(total=total, initial=self.step, desc=f"{cfg.env.name}/{cfg.shaper.name}",
@@ -345,9 +416,17 @@ class Trainer:
                 if code:
                     return {v: k for k, v in STOP_CODES.items()}[code]
                 self.saver.settle(block=False)  # the last periodic checkpoint, once its commit is done
+                start = StepStart.capture(self)
                 t0 = time.perf_counter()
                 self.step += 1
-                m = self.train_step()
+                try:
+                    with stop.abandonable():
+                        m = self.train_step()
+                except StepAbandoned as e:
+                    start.restore(self)
+                    log.warning("%s: step %d abandoned before its optimizer step; stopping at step %d",
+                                e, self.step + 1, self.step)
+                    return stop.reason
                 t_eval = time.perf_counter()
                 if self.evaluates_at(self.step) and self.backend.is_main:  # evaluation needs no other rank
                     m.update(self.evaluate())
@@ -393,6 +472,36 @@ class Trainer:
 
     def summary(self) -> str:
         return summary(self)
+
+
+@dataclass
+class StepStart:
+    """What a step changes besides the weights, as it was when the step began: put back when
+    the step is abandoned before its optimizer step, so the checkpoint the stop then writes is
+    the previous step's own and a resume from it equals an uninterrupted run
+    (tests/test_hangs.py). Whatever train_step changes that a checkpoint holds belongs here."""
+
+    step: int
+    rng: dict  # the RNG streams the step's sampling drew from
+    reward_errors: int
+    nonfinite_total: int
+    entropy_coef: Optional[float]
+    generated_tokens: int
+    history_len: int
+
+    @classmethod
+    def capture(cls, t: Trainer) -> "StepStart":
+        return cls(t.step, rng_state(), t.collector.reward_errors, t.learner.nonfinite_total,
+                   t.learner.adaptive.coef if t.learner.adaptive else None, t.generated_tokens, len(t.history.train))
+
+    def restore(self, t: Trainer) -> None:
+        t.step = self.step
+        set_rng_state(self.rng)
+        t.collector.reward_errors, t.learner.nonfinite_total = self.reward_errors, self.nonfinite_total
+        if t.learner.adaptive is not None:
+            t.learner.adaptive.coef = self.entropy_coef
+        t.generated_tokens = self.generated_tokens
+        del t.history.train[self.history_len:]
 
 
 def estimate(trainer: Trainer) -> dict[str, float]:
@@ -467,7 +576,8 @@ def run(cfg: RunConfig, output_dir: Path, config_yaml: str, meter: Optional[Cost
             ds_json = output_dir / "deepspeed_config.json"
             ds_json.write_text(json.dumps(trainer.backend.config, indent=2))
             trainer.tracker.log_artifact(ds_json, "config")
-    with StopFlag() as stop:
+    # a DeepSpeed step is never abandoned: its ranks would have to agree, and its update runs inside backward
+    with StopFlag(cfg.train.stop_grace_s if cfg.trainer.name == "torch" else None) as stop:
         try:
             trainer.stop_reason = trainer.fit(stop)
             trainer.finish(trainer.stop_reason)

@@ -85,6 +85,17 @@ class Evaluator:
         return dict(self.env.metrics(scores, "eval/env")) if hasattr(self.env, "metrics") else {}
 
     # -- evaluation --------------------------------------------------------------------------
+    def score(self, batch) -> tuple[list, float]:
+        """The batch's scores by the collector's route (train.reward_timeout_s and
+        train.on_reward_error as in training) and how many of them were reward errors: the
+        evaluation's own count (eval/reward_errors), taken back out of the training one, so
+        errors/reward_total counts training rollouts only (reward_errors.jsonl holds both)."""
+        before = self.scorer.reward_errors
+        scores = self.scorer.score_batch(batch)
+        errors = self.scorer.reward_errors - before
+        self.scorer.reward_errors = before
+        return scores, float(errors)
+
     def evaluate(self, rollout, rollout_model, model, step: int, samples: Optional[int] = None) -> dict[str, float]:
         """`model` answers the exact probabilities, `rollout` samples from `rollout_model`:
         `samples` completions of a one-prompt environment (default train.eval_samples);
@@ -105,13 +116,12 @@ class Evaluator:
         prompt = env.prompts(step, 1)[0]
         with self.autocast():
             batch = rollout.generate(rollout_model, self.tok, [prompt], n, temperature=1.0)
-        errors_before = self.scorer.reward_errors
-        scores = self.scorer.score_batch(batch)
+        scores, errors = self.score(batch)
         keys = [s.answer_key for s in scores]
         m = self.answer_metrics(keys, "eval/answers")
         m["eval/samples"] = float(len(scores))
         m["eval/reward_mean"] = sum(s.reward for s in scores) / len(scores)
-        m["eval/reward_errors"] = float(self.scorer.reward_errors - errors_before)
+        m["eval/reward_errors"] = errors
         m["eval/exact_format_rate"] = sum(s.exact_format for s in scores) / len(scores)
         m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
         m.update(self.env_metrics(scores))
@@ -136,7 +146,7 @@ class Evaluator:
         prompts = env.eval_prompts()
         with self.autocast():
             batch = rollout.generate(rollout_model, self.tok, prompts, k, temperature=1.0)
-        scores = self.scorer.score_batch(batch)
+        scores, errors = self.score(batch)
         per: list[list] = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
         m: dict[str, float] = {}
         m["eval/accuracy"] = mean([float(bool(s.correct)) for s in scores])
@@ -150,6 +160,7 @@ class Evaluator:
         m[f"eval/maj_at_{k}"] = mean(maj)
         m["eval/format_rate"] = mean([float(s.answer_key != INVALID) for s in scores])
         m["eval/reward_mean"] = mean([s.reward for s in scores])
+        m["eval/reward_errors"] = errors
         m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
         if batch.episodes is not None:
             m.update(env.game_metrics(batch.episodes, "eval/game"))

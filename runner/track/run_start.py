@@ -32,13 +32,23 @@ def open_run(cfg, output_dir: Path, step: int, config_yaml: str, parent_run_id: 
         outdir.record_command(output_dir, invocation["overrides"], invocation["action"])
 
     def remember(run_id: str) -> None:
-        outdir.update_record(output_dir, run_id=run_id, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment)
+        outdir.update_record(output_dir, run_id=run_id, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
+                             tracking_lost=None)
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, output_dir, on_run_created=remember, background=True)
+    def lost(why: str) -> None:
+        outdir.update_record(output_dir, tracking_lost=f"{tracker.uri}: {why}")
+
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, output_dir, on_run_created=remember, background=True,
+                      on_store_lost=lost)
     same_store = prior.get("tracking_uri") in (None, tracker.uri)
     spooled_create = any(o["op"] == "create" for o in tracker._ops)
-    if same_store and (prior.get("run_id") or spooled_create):
-        tracker.resume(prior.get("run_id"), upto_step=step)
+    moved = not same_store and bool(prior.get("run_id"))  # train.resume=force into another store (runner.outdir)
+    if moved:
+        _copy_run(tracker, prior, step)
+    if moved or (same_store and (prior.get("run_id") or spooled_create)):
+        tracker.resume(None if moved else prior.get("run_id"), upto_step=step)
+        if moved:
+            _end_old_run(tracker, prior)
         tracker.log_text(config_yaml, f"config/resumed_at_step_{step}.yaml")
         _log_overrides(tracker, output_dir)
         _start_system_metrics(tracker, cfg, resumed=True)
@@ -65,6 +75,36 @@ def open_run(cfg, output_dir: Path, step: int, config_yaml: str, parent_run_id: 
         tracker.set_tags(dict([completions.LOGGED_ARTIFACTS_TAG]))
     _start_system_metrics(tracker, cfg, resumed=False)
     return tracker
+
+
+def _copy_run(tracker: Tracker, prior: dict, step: int) -> None:
+    """A forced resume into another store: the run is copied there from its journal (the
+    resume then drops the metrics past the checkpoint, which are recomputed) and goes on as
+    that copy. Without a journal (a run from before journals) the new store would hold the
+    later steps only: refused."""
+    was = f"run {prior['run_id']} in {prior.get('tracking_uri')}"
+    if not tracker.recreate({"runner.copied_from": f"{was} (train.resume=force at step {step})"}):
+        raise outdir.OutputDirError(
+            f"train.resume=force into {tracker.uri}: this output dir has no tracking journal to copy {was} from, so "
+            f"the new store would hold the steps after {step} only; pass tracking.uri={prior.get('tracking_uri')}, "
+            f"or train.resume=never to start a new run here")
+
+
+def _end_old_run(tracker: Tracker, prior: dict) -> None:
+    """The run a forced resume moved away from is ended KILLED, tagged with where it went, if
+    its store can still be reached (else it stays as it was; the copy is whole either way)."""
+    if tracker.run_id is None:
+        return
+    try:
+        from runner.track.connect import connect
+
+        old = connect(prior["tracking_uri"])
+        old.set_tag(prior["run_id"], "runner.moved_to", f"run {tracker.run_id} in {tracker.uri}")
+        old.set_terminated(prior["run_id"], status="KILLED")
+    except Exception as e:
+        log.warning("could not end run %s in %s (%s); this run goes on as %s in %s", prior["run_id"],
+                    prior.get("tracking_uri"), str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    tracker.run_id, tracker.uri)
 
 
 def _log_overrides(tracker: Tracker, output_dir: Path) -> None:

@@ -60,13 +60,17 @@ class Spool:
         if self.stale:
             self.rewrite(all_ops)
             return
-        data = (json.dumps(op) + "\n").encode()
+        self.append_line(json.dumps(op) + "\n")
+
+    def append_line(self, text: str) -> bool:
+        """Append `text` with one write(2), or leave the file as it was; never raises."""
+        data = text.encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             self._failed(e)
-            return
+            return False
         try:
             size = os.fstat(fd).st_size
             try:
@@ -79,10 +83,11 @@ class Spool:
                 except OSError:
                     pass
                 self._failed(e)
-                return
+                return False
         finally:
             os.close(fd)
         self._recovered()
+        return True
 
     def rewrite(self, ops: list[dict]) -> None:
         """Replace the file by `ops` (atomically: a failed rewrite leaves the old file); never raises."""
@@ -102,15 +107,20 @@ class Spool:
             return
         self._recovered()
 
+    # what the warnings say of a failed write, and of the first one that works again
+    FAILED = "records are kept in memory and written when the disk allows; training goes on"
+    RECOVERED = "it holds every record"
+
     def _failed(self, e: OSError) -> None:
         self.stale = True
         if not self._failing:
             self._failing = True
-            log.warning("cannot write the tracking spool %s (%s): records are kept in memory and "
-                        "written when the disk allows; training goes on", self.path, e)
+            log.warning("cannot write the %s %s (%s): %s", self.what, self.path, e, self.FAILED)
 
     def _recovered(self) -> None:
         self.stale = False
         if self._failing:
             self._failing = False
-            log.warning("tracking spool %s is writable again; it holds every record", self.path)
+            log.warning("%s %s is writable again; %s", self.what, self.path, self.RECOVERED)
+
+    what = "tracking spool"

@@ -14,6 +14,13 @@ connects later. With `background=True` the sends happen on a worker thread
 (runner.track.sender): a slow or locked store never stalls a training step. The spool
 file's own failures (a full disk, a cut line) are handled in runner.track.spool.
 
+Every record also goes to an append-only journal beside the spool (`mlflow_journal.jsonl`):
+the spool is what MLflow has not received, the journal is the copy of record, everything the
+run logged. A store that loses the run (its SQLite file deleted or replaced mid-run, a server
+whose database was reset: runner.track.recovery) is not written to again; a later `sync`, or
+a resume, recreates the run from the journal (params, tags, every metric) in that store or
+in another one, and a forced resume into another store copies the run there the same way.
+
 Metrics are only sent up to the step of the last checkpoint (`flush(upto_step=...)`):
 after a crash, the resumed run recomputes the steps after that checkpoint, so the logged
 history has neither duplicates nor gaps. Batching also matters for speed: one
@@ -22,7 +29,6 @@ history has neither duplicates nor gaps. Batching also matters for speed: one
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from runner.track import recovery
 from runner.track.connect import connect, sqlite_path
 from runner.track.sender import BackgroundSender
 from runner.track.spool import Spool
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000  # MLflow's limit for metrics in one log_batch
 MAX_PARAMS = 100  # and for params
 SPOOL = "mlflow_spool.jsonl"
+JOURNAL = "mlflow_journal.jsonl"
 
 # start() and resume() wait this long at most for their first send, even in the background
 START_WAIT_S = 30.0
@@ -75,7 +83,8 @@ class Tracker:
     sent by identity, since records keep being appended meanwhile."""
 
     def __init__(self, uri: Optional[str], experiment: str, spool_dir: Optional[Path] = None,
-                 on_run_created: Optional[Callable[[str], None]] = None, background: bool = False):
+                 on_run_created: Optional[Callable[[str], None]] = None, background: bool = False,
+                 on_store_lost: Optional[Callable[[str], None]] = None):
         import mlflow.tracking  # noqa: F401  (imported here, on the caller's thread: the import is slow)
 
         self.uri = resolve_uri(uri)
@@ -85,10 +94,17 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self.spool_path = Path(spool_dir) / SPOOL if spool_dir else None
         self._spool = Spool(self.spool_path)
+        self._journal = recovery.Journal(Path(spool_dir) / JOURNAL if spool_dir else None)
         self._lock = threading.RLock()  # _ops and the spool file
         self._send_lock = threading.Lock()  # one send at a time, in order
         self._ops: list[dict] = self._spool.load()
         self._on_run_created = on_run_created
+        self._on_store_lost = on_store_lost
+        self.lost: Optional[str] = None  # why the store no longer holds this run (nothing is sent there then)
+        self._lost_due: Optional[str] = None  # announced on the caller's thread, like a creation
+        self._identity: Optional[tuple] = None  # the SQLite file this process connected to
+        self._sent_any = False  # whether this process has sent anything to the store yet
+        self._missing_at_start: Optional[str] = None  # a run id the store did not have at our first send
         # on_run_created runs on the caller's thread (it writes run_state.json, which the caller
         # writes too): a run the worker created is announced at the caller's next call
         self._owner = threading.current_thread()
@@ -103,6 +119,7 @@ class Tracker:
         """The MlflowClient, connected on first use (raises if the store cannot be opened)."""
         if self._client is None:
             self._client = connect(self.uri)
+            self._identity = recovery.store_identity(self.uri)
         return self._client
 
     # -- recording: append operations ------------------------------------------------
@@ -111,6 +128,7 @@ class Tracker:
         with self._lock:
             self._ops.append(op)
             self._spool.append(op, self._ops)
+            self._journal.append(op, self._ops)
 
     def start(self, run_name: Optional[str], tags: Mapping[str, str], parent_run_id: str | None = None) -> None:
         """Create the run (now if MLflow answers, else at the first flush that reaches it)."""
@@ -127,6 +145,7 @@ class Tracker:
         with self._lock:
             self._ops = [o for o in self._ops if not (o["op"] == "metrics" and o["step"] > upto_step)]
             self._spool.rewrite(self._ops)
+            self._journal.trim(upto_step)
         self._add({"op": "status", "status": "RUNNING"})
         self._first_flush(upto_step=upto_step)
 
@@ -151,7 +170,11 @@ class Tracker:
             self._sender = None
             self._announce()
         ok = self._send_pending(upto_step)
-        if not ok and self.spool_path:
+        self._announce()
+        if self.lost:
+            print(f"MLflow at {self.uri} lost this run ({self.lost}): its status there is not {status}. "
+                  f"{self.recovery_hint()}", file=sys.stderr)
+        elif not ok and self.spool_path:
             print(f"MLflow at {self.uri} is unreachable: {self.pending()} records are kept in {self.spool_path}; "
                   f"send them later with `python -m runner.track.store sync {self.spool_path.parent}`", file=sys.stderr)
         return ok
@@ -240,13 +263,17 @@ class Tracker:
         return self._send_pending(upto_step)
 
     def _announce(self) -> None:
-        """Run on_run_created for a run the worker created (on the caller's thread)."""
-        if self._created_due is None:
+        """Run on_run_created for a run the worker created, and on_store_lost for a store
+        the worker found without the run (on the caller's thread: both write the record)."""
+        if self._created_due is None and self._lost_due is None:
             return
         with self._lock:
             run_id, self._created_due = self._created_due, None
+            lost, self._lost_due = self._lost_due, None
         if run_id and self._on_run_created:
             self._on_run_created(run_id)
+        if lost and self._on_store_lost:
+            self._on_store_lost(lost)
 
     def _first_flush(self, upto_step: Optional[int]) -> None:
         """At start or resume, even with a background sender, wait for one attempt: a healthy
@@ -267,45 +294,101 @@ class Tracker:
         if self.offline_since is None or time.time() - self._last_try >= OFFLINE_RETRY_S:
             self._send_pending(upto_step)
 
+    # -- a store that lost the run (runner.track.recovery) ---------------------------------
+    def recreate(self, tags: Mapping[str, str]) -> bool:
+        """Make this run anew from the journal (in `self.uri`, at the next send): everything it
+        logged, in order, under a new run id. False where there is no journal to do it from."""
+        journal = self._journal.load() if self._journal.path else []
+        try:
+            ops = recovery.recreate_ops(journal, {k: str(v) for k, v in tags.items()})
+        except ValueError:
+            return False
+        with self._lock:
+            self._ops = ops
+            self._spool.rewrite(ops)
+            self.run_id, self.lost, self.experiment_id = None, None, None
+        return True
+
+    def _mark_lost(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            with self._lock:
+                self._lost_due = why
+            log.warning("MLflow at %s lost run %s (%s): nothing more is sent there. %s", self.uri, self.run_id, why,
+                        self.recovery_hint())
+
+    def recovery_hint(self) -> str:
+        if not self.spool_path:
+            return "This run's records were kept in memory only."
+        return (f"Every record is kept in {self.spool_path.parent / JOURNAL}: `python -m runner.track.store sync "
+                f"{self.spool_path.parent}` recreates the run (params, tags, every metric) there, or with "
+                f"--uri URI in another store")
+
+    def _store_check(self) -> Optional[str]:
+        """Why the store this process connected to is gone (None: it is still there)."""
+        return recovery.store_changed(self.uri, self._identity) if self._client is not None else None
+
     def _send_pending(self, upto_step: Optional[int]) -> bool:
         with self._send_lock:
-            self._last_try = time.time()
-            with self._lock:
-                ops = list(self._ops)  # records added during the send wait for the next one
-            if not ops:
-                return True
-            sent: list[dict] = []
-            batch: list[dict] = []  # consecutive metric records go out as one log_batch
-            ok = True
-            try:
-                for op in ops:
-                    if op["op"] == "metrics":
-                        if upto_step is None or op["step"] <= upto_step:
-                            batch.append(op)
-                        continue
-                    if batch:
-                        self._send_metrics(batch)
-                        sent += batch
-                        batch = []
-                    self._send(op)
-                    sent.append(op)
+            if self.lost is None and (why := self._store_check()):
+                self._mark_lost(why)
+            if self.lost is not None:
+                return False  # never into a file that is not the run's any more
+            ok = self._send_some(upto_step)
+            if self.lost is None and self._missing_at_start and self.recreate(
+                    {"runner.recreated": f"run {self._missing_at_start} was not in {self.uri}; recreated from "
+                                         f"the journal"}):
+                log.warning("MLflow at %s has no run %s (its store was deleted or replaced): recreating it from "
+                            "the journal", self.uri, self._missing_at_start)
+                self._missing_at_start = None
+                ok = self._send_some(upto_step)
+            return ok
+
+    def _send_some(self, upto_step: Optional[int]) -> bool:
+        """One pass over the pending records, in order (held-back metrics keep their place)."""
+        self._last_try = time.time()
+        with self._lock:
+            ops = list(self._ops)  # records added during the send wait for the next one
+        if not ops:
+            return True
+        sent: list[dict] = []
+        batch: list[dict] = []  # consecutive metric records go out as one log_batch
+        ok = True
+        try:
+            for op in ops:
+                if op["op"] == "metrics":
+                    if upto_step is None or op["step"] <= upto_step:
+                        batch.append(op)
+                    continue
                 if batch:
                     self._send_metrics(batch)
                     sent += batch
-            except Exception as e:  # unreachable, unopenable or locked store: keep what is left, try later
-                ok = False
-                if self.offline_since is None:
-                    self.offline_since = time.time()
-                    self._warn_offline(e)
-            if ok and self.offline_since is not None:
-                log.warning("MLflow reachable again after %.0f s; buffered records sent", time.time() - self.offline_since)
-                self.offline_since = None
-            with self._lock:
-                if sent:
-                    gone = {id(o) for o in sent}
-                    self._ops = [o for o in self._ops if id(o) not in gone]
-                    self._spool.rewrite(self._ops)
-                return ok and not any(o["op"] != "metrics" for o in self._ops)
+                    batch = []
+                self._send(op)
+                sent.append(op)
+            if batch:
+                self._send_metrics(batch)
+                sent += batch
+        except Exception as e:  # unreachable, unopenable or locked store: keep what is left, try later
+            ok = False
+            if recovery.run_missing(e) and self.run_id:
+                if self._sent_any:  # it had the run a moment ago
+                    self._mark_lost(f"it no longer has run {self.run_id}")
+                else:  # a fresh process finds the store without the run: make it anew
+                    self._missing_at_start = self.run_id
+            elif self.offline_since is None:
+                self.offline_since = time.time()
+                self._warn_offline(e)
+        if ok and self.offline_since is not None:
+            log.warning("MLflow reachable again after %.0f s; buffered records sent", time.time() - self.offline_since)
+            self.offline_since = None
+        self._sent_any = self._sent_any or bool(sent)
+        with self._lock:
+            if sent:
+                gone = {id(o) for o in sent}
+                self._ops = [o for o in self._ops if id(o) not in gone]
+                self._spool.rewrite(self._ops)
+            return ok and not any(o["op"] != "metrics" for o in self._ops)
 
     def _warn_offline(self, e: Exception) -> None:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -329,22 +412,34 @@ class Tracker:
 
 
 def sync(output_dir: Path, uri: Optional[str] = None) -> bool:
-    """Send what a run left in its spool (MLflow was down when it ended)."""
-    state_path = Path(output_dir) / "run_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    target = uri or state.get("tracking_uri")
+    """Send what a run left in its spool (MLflow was down when it ended). Where the store
+    lost the run (runner.track.recovery), or `uri` names another store, the run is made anew
+    there from the journal: params, tags, every metric, the artifacts still on disk."""
+    from runner import outdir
 
-    def remember(run_id: str) -> None:
-        state.update(run_id=run_id, tracking_uri=target)
-        state_path.write_text(json.dumps(state, indent=2))
+    d = Path(output_dir)
+    outdir.lock(d)  # not while the run itself is sending
+    try:
+        state = outdir.read_record(d)  # a damaged record is refused, not taken as absent
+        target = resolve_uri(uri or state.get("tracking_uri"))
 
-    t = Tracker(target, state.get("experiment", "runner"), Path(output_dir), on_run_created=remember)
-    if state.get("run_id") and state.get("tracking_uri") == target:
-        t.run_id = state["run_id"]
-    n = t.pending()
-    ok = t.flush()
-    print(f"{'sent' if ok else 'could not send'} {n - t.pending()} of {n} records to {t.uri} (run {t.run_id})")
-    return ok
+        def remember(run_id: str) -> None:
+            outdir.update_record(d, run_id=run_id, tracking_uri=target, experiment=t.experiment, tracking_lost=None)
+
+        t = Tracker(target, state.get("experiment", "runner"), d, on_run_created=remember)
+        before = state.get("run_id")
+        if before and state.get("tracking_uri") == target and not state.get("tracking_lost"):
+            t.run_id = before  # a fresh process: a store without the run recreates it (_send_pending)
+        elif before and not t.recreate({"runner.recreated": f"from run {before} in {state.get('tracking_uri')}"}):
+            print(f"{d / JOURNAL} holds no record of the run's creation: it cannot be recreated in {target}",
+                  file=sys.stderr)
+            return False
+        n = t.pending()
+        ok = t.flush()
+        print(f"{'sent' if ok else 'could not send'} {n - t.pending()} of {n} records to {t.uri} (run {t.run_id})")
+        return ok
+    finally:
+        outdir.unlock(d)
 
 
 def main(argv: list[str]) -> int:
@@ -356,7 +451,13 @@ def main(argv: list[str]) -> int:
     s.add_argument("output_dir", type=Path)
     s.add_argument("--uri", default=None, help="tracking URI (default: the run's own)")
     a = p.parse_args(argv)
-    return 0 if sync(a.output_dir, a.uri) else 1
+    from runner.config import ConfigError
+
+    try:
+        return 0 if sync(a.output_dir, a.uri) else 1
+    except ConfigError as e:  # a damaged record, a dir in use
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
