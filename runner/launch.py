@@ -2,7 +2,7 @@
 
 `python -m runner trainer=deepspeed trainer.num_procs=N` composes and validates the config
 once (Hydra runs only there), writes everything a worker needs to
-`<output_dir>/launch/job.json` and starts the workers with torchrun (one node) or the
+`<output_dir>/launch/job-<sha256>.json` and starts the workers with torchrun (one node) or the
 deepspeed launcher (a hostfile, several nodes). Each worker (`python -m runner.launch
 JOB`) rebuilds the same validated config from that file, so no rank re-enters Hydra or
 makes its own output directory. Rank 0 alone talks to MLflow, writes the sweep ledger and
@@ -15,8 +15,10 @@ checkpoint and mark the run KILLED, as a single-process run does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +30,6 @@ from typing import Any, Optional
 from runner import host
 from runner.config import RunConfig
 
-JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 
 
@@ -65,8 +66,15 @@ def launch(cfg: RunConfig, output_dir: Path, config_yaml: str, *, started_at: Op
     job = {"config_yaml": config_yaml, "output_dir": str(output_dir), "job_id": job_id,
            "parent_run_id": parent_run_id, "extra_tags": extra_tags or {}, "ledger": ledger, "invocation": invocation,
            "started_at": started_at or time.time()}
-    job_file = launch_dir / JOB_FILE
-    job_file.write_text(json.dumps(job, indent=2))
+    text = json.dumps(job, indent=2)
+    # the workers check the file against the digest in its name: a job file changed or cut
+    # after the launch (a shared filesystem, a second launcher) is refused, not half-read
+    job_file = launch_dir / f"job-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    for old_job in launch_dir.glob("job*.json"):
+        old_job.unlink(missing_ok=True)
+    tmp = job_file.with_name(job_file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, job_file)
     port = cfg.trainer.master_port or free_port()
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)  # workers import runner and envs from here
@@ -91,9 +99,36 @@ def launch(cfg: RunConfig, output_dir: Path, config_yaml: str, *, started_at: Op
                 continue
     finally:
         signal.signal(signal.SIGTERM, old)
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    result = read_result(result_path)
     result["returncode"] = rc
     return result
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """Rank 0's result; {} where it wrote none (it died first: the exit code tells), and a
+    damaged one said as such rather than taken as a clean stop."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as e:
+        return {"stop_reason": "error", "error": f"{path} is damaged ({str(e).splitlines()[0]})"}
+
+
+def read_job(job_file: Path) -> dict[str, Any]:
+    """The launcher's job file, verified against the digest in its name (job-<sha256>.json)."""
+    text = job_file.read_bytes()
+    m = re.fullmatch(r"job-([0-9a-f]{16})\.json", job_file.name)
+    if m and hashlib.sha256(text).hexdigest()[:16] != m.group(1):
+        raise SystemExit(f"error: {job_file} does not match the digest in its name (changed or cut after the "
+                         f"launch); start the job again with the same command")
+    job = json.loads(text)
+    if not isinstance(job, dict):
+        raise SystemExit(f"error: {job_file} is not a job file")
+    return job
 
 
 def worker(job_file: Path) -> int:
@@ -106,7 +141,7 @@ def worker(job_file: Path) -> int:
     from runner.config import validate
     from runner.train import CLEAN_EXIT_REASONS, NonFiniteError, run
 
-    job = json.loads(Path(job_file).read_text())
+    job = read_job(Path(job_file))
     meter = CostMeter(0.0, spent_seconds=max(0.0, time.time() - job["started_at"]))  # from the launcher's start
     cfg = validate(OmegaConf.create(job["config_yaml"]))
     meter.usd_per_device_hour, meter.devices = cfg.budget.usd_per_device_hour, cfg.budget.devices

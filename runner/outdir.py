@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ from typing import Any, Optional
 import yaml
 
 from runner.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.yaml"
@@ -214,7 +217,7 @@ def decide(output_dir: Path, config_yaml: str, mode: str, tracking_uri: Optional
     res = Resume("resume")
     before_path = output_dir / CONFIG_FILE
     if before_path.exists():
-        before, now = flatten(yaml.safe_load(before_path.read_text()) or {}), flatten(yaml.safe_load(config_yaml) or {})
+        before, now = flatten(_read_config(before_path)), flatten(yaml.safe_load(config_yaml) or {})
         # keys only one side has come from another version of the schema, not from the user
         diff = {k: (before[k], now[k]) for k in sorted(set(before) & set(now)) if before[k] != now[k]}
         model = {k: v for k, v in diff.items() if k.startswith("model.")}
@@ -259,6 +262,21 @@ def journaled(output_dir: Path) -> bool:
     return False
 
 
+def _read_config(path: Path) -> dict:
+    """The config the dir's run started with: what a resume is compared against, so a damaged
+    one is refused (taken as empty, every difference would go unseen)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a YAML {type(data).__name__}, not a config")
+        return data
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise OutputDirError(f"{path} is damaged ({why}); nothing was changed. A resume is checked against it: "
+                             f"restore it, or pass train.resume=never to keep this run's files in previous/ and start "
+                             f"a new run here") from None
+
+
 def check_loaded(output_dir: Path, state: Optional[dict], problems: list[str], mode: str) -> str:
     """After the checkpoints were read (the part of the decision that needs them): refuse a
     resume that would log steps into the MLflow run twice; return the note for a forced one."""
@@ -297,10 +315,30 @@ def record_command(output_dir: Path, overrides: list[str], action: str) -> Path:
     started the run and what each resume changed on the command line (Hydra's own
     .hydra/overrides.yaml is off: a refused start would overwrite it)."""
     path = output_dir / OVERRIDES_FILE
-    history = yaml.safe_load(path.read_text()) if path.exists() else None
-    history = history if isinstance(history, list) else []
+    history = _read_history(path)
     history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "action": action, "overrides": list(overrides)})
     return write_text_atomic(path, yaml.safe_dump(history, sort_keys=False))
+
+
+def _read_history(path: Path) -> list:
+    """The dir's command history. A damaged one (not YAML, not a list of entries) is kept
+    beside it as `<name>.damaged-<time>` and a new history starts with a note saying so:
+    the history explains a run, it does not decide one, so it costs no refusal, but it is
+    never overwritten as if it had been empty."""
+    if not path.exists():
+        return []
+    try:
+        history = yaml.safe_load(path.read_text())
+        if isinstance(history, list) and all(isinstance(h, dict) for h in history):
+            return history
+        why = f"a YAML {type(history).__name__}, not a list of commands"
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, kept)
+    log.warning("%s was damaged (%s): kept as %s, a new history starts here", path, why, kept.name)
+    return [{"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "action": "history damaged", "overrides": [],
+             "kept_as": kept.name}]
 
 
 def set_aside(output_dir: Path) -> Path:

@@ -250,3 +250,52 @@ def test_non_finite_starting_weights_name_the_files(tmp_path):
     bad = validate({"model": {"name": "pretrained", "source": "pretrained", "path": str(tmp_path / "m")}}).model
     with pytest.raises(ValueError, match=r"model weights in .*/m are non-finite \(model.embed_tokens.weight\)"):
         load_policy(bad)  # ... and is refused here
+
+
+# -- the other files a run reads back -----------------------------------------------------
+
+def test_a_damaged_config_is_refused_and_a_damaged_history_is_kept_aside(tmp_path):
+    out = tmp_path / "out"
+    args = [*FAST, f"output_dir={out}"]
+    assert run_cli([*args, "train.steps=2"], cwd=tmp_path).returncode == 0
+    config = (out / "config.yaml").read_bytes()
+    (out / "config.yaml").write_bytes(b"algo: [unclosed\n")
+    _refused(run_cli([*args, "train.steps=4"], cwd=tmp_path), "config.yaml is damaged", "train.resume=never")
+    (out / "config.yaml").write_bytes(config)
+    (out / "overrides.yaml").write_bytes(b"\x00\x01 not: [yaml")
+    r = run_cli([*args, "train.steps=4"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (kept,) = out.glob("overrides.yaml.damaged-*")
+    assert kept.read_bytes() == b"\x00\x01 not: [yaml"
+    import yaml
+
+    history = yaml.safe_load((out / "overrides.yaml").read_text())
+    assert history[0]["kept_as"] == kept.name and history[1]["action"] == "resume"
+
+
+def test_a_damaged_completions_table_is_kept_aside_and_started_again(tmp_path):
+    from runner.track import completions
+
+    path = tmp_path / completions.TABLE
+    row = [1, 0, "p", "c", 1.0, 1.0, "2", 0.5, True]
+    completions.append(path, 1, [row])
+    path.write_text(path.read_text()[:-7])  # cut mid-write by someone else
+    completions.append(path, 2, [[2, *row[1:]]])
+    (kept,) = tmp_path.glob(f"{completions.TABLE}.damaged-*")
+    assert completions.read(path) == [[2, *row[1:]]] and kept.stat().st_size > 0
+
+
+def test_the_workers_refuse_a_job_file_changed_after_the_launch(tmp_path):
+    from runner.launch import read_job, read_result
+
+    text = '{"config_yaml": "x: 1", "output_dir": "/tmp/x"}'
+    good = tmp_path / f"job-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    good.write_text(text)
+    assert read_job(good)["output_dir"] == "/tmp/x"
+    good.write_text(text.replace("/tmp/x", "/etc"))
+    with pytest.raises(SystemExit, match="does not match the digest in its name"):
+        read_job(good)
+    result = tmp_path / "result.json"
+    result.write_text('{"stop_reason": "comp')
+    assert read_result(result)["stop_reason"] == "error" and "is damaged" in read_result(result)["error"]
+    assert read_result(tmp_path / "none.json") == {}

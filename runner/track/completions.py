@@ -10,6 +10,7 @@ abandoned branch)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -35,10 +36,25 @@ def rows(step: int, batch, scores: Sequence, shaped: Sequence[float], adv: Seque
 
 
 def read(path: Path) -> list[list]:
+    """The table's rows. A damaged table (cut, not JSON, other columns) is kept beside it as
+    `<name>.damaged-<time>` and the table starts again from this step's rows: a sample log is
+    not worth failing a run over, and it is never overwritten as if it had been empty."""
     if not path.exists():
         return []
-    table = json.loads(path.read_text())
-    return table["data"] if table.get("columns") == COLUMNS else []
+    try:
+        table = json.loads(path.read_text())
+        if isinstance(table, dict) and table.get("columns") == COLUMNS and isinstance(table.get("data"), list):
+            return [r for r in table["data"] if isinstance(r, list) and r and isinstance(r[0], int)]
+        why = "not a completions table of these columns"
+    except (OSError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+    import logging
+    import time
+
+    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, kept)
+    logging.getLogger(__name__).warning("%s was damaged (%s): kept as %s; the table starts again", path, why, kept.name)
+    return []
 
 
 def append(path: Path, step: int, new_rows: list[list]) -> Path:
