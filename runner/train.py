@@ -347,10 +347,10 @@ class Trainer:
         """This step's checkpoint; wait=False leaves its serialization and commit to a thread (runner/loop/saver.py)."""
         if not self.weights_finite():
             kept = (f"the one at step {self.last_ckpt_step} is kept" if self.saver.last_step or
-                    outdir.has_checkpoints(self.output_dir) else "none had been written")
+                    outdir.has_checkpoints(self.output_dir) else "and none exists yet")
             raise NonFiniteError(f"the weights are non-finite after step {self.step} (is algo.lr too large? if "
-                                 f"step 1 was already non-finite, check the model's files); no checkpoint "
-                                 f"written, {kept}")
+                                 f"step 1 was already non-finite, check the model's files); this one is "
+                                 f"not written, {kept}")
         # a copy: on a thread, the checkpoint is serialized while the next step changes these
         return self.saver.save(self.step, copy.deepcopy(run_state.snapshot(self)), wait)
 

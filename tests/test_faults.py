@@ -226,3 +226,15 @@ def test_unreachable_mlflow_loses_nothing(tmp_path):
     assert [s for s, _ in history(c, run.info.run_id, "reward/raw_mean")] == [1, 2, 3, 4]
     assert run.data.params["train.steps"] == "4"
     assert not spool.read_text().strip()
+
+
+def test_non_finite_weights_before_any_checkpoint_name_none(tmp_path):
+    """The message once cited "the one at step 0 is kept" where no checkpoint existed."""
+    t = train_mod.Trainer(in_process(tmp_path, "train.steps=3"), tmp_path / "out")
+    t.setup()
+    with torch.no_grad():
+        next(t.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(train_mod.NonFiniteError) as e:
+        t.save_checkpoint()
+    assert "none exists yet" in str(e.value) and "is kept" not in str(e.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
