@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from runner import outdir  # noqa: E402
 from runner.budget import CostMeter  # noqa: E402
+from runner.sweep_ledger import release_alive  # noqa: E402
 from runner.config import ConfigError, validate  # noqa: E402
 from runner.plugins import register_entry_points  # noqa: E402
 
@@ -59,11 +60,15 @@ def main(cfg: DictConfig) -> Optional[float]:
         sys.exit(2)
     try:
         return run_job(cfg, run_cfg, hc, output_dir, resume, meter, started_at)
+    except ConfigError as e:  # a damaged sweep_parent.json or budget ledger, before anything is loaded
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # before the run began (imports, a sweep's admission): nothing exists yet
         print("interrupted during start-up, before any step ran; nothing was logged or checkpointed",
               file=sys.stderr)
         sys.exit(130)
     finally:
+        release_alive()  # the sweep ledger stops counting this job's time, however it ended
         outdir.unlock(output_dir)
 
 
@@ -85,7 +90,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         run_cfg.tracking.uri = resume.tracking_uri
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
 
-    ledger, parent_id, job = None, None, "0"
+    ledger, parent_id, job, job_id = None, None, "0", "0"  # job_id: the job's key in the sweep ledger
     recipe = hc.runtime.choices.get("recipe")
     tags = {"recipe": recipe} if recipe and recipe != "null" else {}
     overrides = list(hc.overrides.task)
@@ -96,7 +101,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
     if resume.changes:
         tags["resumed_with"] = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items())[:5000]
     if hc.mode == RunMode.MULTIRUN:
-        from runner.budget import SweepLedger
+        from runner.sweep_ledger import LEDGER_FILE, SweepLedger
         from runner.track.sweep import parent_of
 
         job = str(hc.job.num)
@@ -104,8 +109,9 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         parent_id = parent["run_id"] if parent else None
         tags.update(job_num=job, override=hc.job.override_dirname or "(defaults)")
         if run_cfg.budget.sweep_cap_usd is not None:
-            ledger = SweepLedger(Path(hc.sweep.dir) / "budget_ledger.json", run_cfg.budget.sweep_cap_usd)
-            admitted, why = ledger.admit(job, run_cfg.budget.job_estimate_usd)
+            ledger = SweepLedger(Path(hc.sweep.dir) / LEDGER_FILE, run_cfg.budget.sweep_cap_usd)
+            job_id = ledger.key_for(output_dir)  # not the job number: two sweeps in one dir share those
+            admitted, why = ledger.admit(job_id, run_cfg.budget.job_estimate_usd, meter, num=job)
             if not admitted:
                 skip(run_cfg, parent_id, tags, why)
                 return math.nan
@@ -114,7 +120,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         from runner.launch import launch
 
         ledger_info = {"path": str(ledger.path), "cap_usd": ledger.cap_usd} if ledger is not None else None
-        result = launch(run_cfg, output_dir, config_yaml, started_at=started_at, job_id=job,
+        result = launch(run_cfg, output_dir, config_yaml, started_at=started_at, job_id=job_id,
                         parent_run_id=parent_id, extra_tags=tags, ledger=ledger_info, invocation=invocation)
         if result["returncode"] != 0:
             print(f"DeepSpeed workers exited with {result['returncode']} "
@@ -126,7 +132,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
     from runner.train import CLEAN_EXIT_REASONS, Interrupted, NonFiniteError, run
 
     try:
-        trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job, parent_id, tags, invocation)
+        trainer = run(run_cfg, output_dir, config_yaml, meter, ledger, job_id, parent_id, tags, invocation)
     except Interrupted as e:
         print(e.message, file=sys.stderr)
         sys.exit(130)

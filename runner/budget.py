@@ -7,20 +7,15 @@
   writes, must still fit under the cap, or the run stops cleanly. A projection, not a
   guarantee: a step much slower than the ones before it (a busy machine) can still end
   past the cap, by its excess over the projection.
-- SweepLedger: one file in a multirun's sweep directory, shared by its jobs under an
-  exclusive lock (safe for parallel launchers), so a whole sweep can have one cap.
+- SweepLedger (runner/sweep_ledger.py): one file in a multirun's sweep directory, shared
+  by its jobs under a lock, so a whole sweep can have one cap.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import time
 from collections import deque
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 
 class CostMeter:
@@ -90,68 +85,3 @@ class CostMeter:
 
     def metrics(self) -> dict[str, float]:
         return {"cost/wall_s": self.wall_seconds, "cost/device_hours": self.device_hours, "cost/usd": self.usd}
-
-
-class SweepLedger:
-    """Spending of every job in a sweep, in `<sweep dir>/budget_ledger.json`.
-
-    Each job updates its own entry as it spends; every read-modify-write holds an
-    exclusive flock, so jobs in parallel processes see each other's spending.
-    """
-
-    def __init__(self, path: Path, cap_usd: float):
-        self.path = Path(path)
-        self.cap_usd = cap_usd
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    @contextmanager
-    def _locked(self) -> Iterator[dict]:
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                data = json.loads(self.path.read_text()) if self.path.exists() else {"jobs": {}}
-                yield data
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data, indent=2))
-                os.replace(tmp, self.path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    @staticmethod
-    def _spent(data: dict, exclude: Optional[str] = None) -> float:
-        return sum(j["usd"] for k, j in data["jobs"].items() if k != exclude)
-
-    def admit(self, job: str, estimate_usd: Optional[float]) -> tuple[bool, str]:
-        """Register a job before it starts, or refuse it if its estimated cost does not fit
-        in what is left. The estimate: the given one, else the mean cost of finished jobs."""
-        with self._locked() as data:
-            if job in data["jobs"] and data["jobs"][job]["state"] != "skipped":
-                data["jobs"][job]["state"] = "running"  # a resumed job keeps what it spent
-                return True, "resumed"
-            done = [j["usd"] for j in data["jobs"].values() if j["state"] == "finished"]
-            est = estimate_usd if estimate_usd is not None else (sum(done) / len(done) if done else 0.0)
-            left = self.cap_usd - self._spent(data)
-            if left <= 0 or est > left:
-                data["jobs"][job] = {"usd": 0.0, "state": "skipped",
-                                     "reason": f"estimated ${est:.4f} > ${left:.4f} left of the ${self.cap_usd:g} sweep cap"}
-                return False, data["jobs"][job]["reason"]
-            data["jobs"][job] = {"usd": 0.0, "state": "running", "estimate": est}
-            return True, f"estimated ${est:.4f}, ${left:.4f} left of ${self.cap_usd:g}"
-
-    def charge(self, job: str, usd: float) -> float:
-        """Record this job's total spending so far; returns what the whole sweep has spent."""
-        with self._locked() as data:
-            data["jobs"].setdefault(job, {"state": "running"})["usd"] = usd
-            return self._spent(data)
-
-    def others_spent(self, job: str) -> float:
-        with self._locked() as data:
-            return self._spent(data, exclude=job)
-
-    def finish(self, job: str, usd: float) -> None:
-        with self._locked() as data:
-            data["jobs"].setdefault(job, {})
-            data["jobs"][job].update(usd=usd, state="finished")
-
-    def read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.exists() else {"jobs": {}}

@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from runner.digests import file_sha256
+
 log = logging.getLogger(__name__)
 
 class CheckpointWriteError(OSError):
@@ -297,14 +299,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_latest(directory: Path, problems: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """The newest checkpoint that verifies and loads, or None. Each file skipped is reported
     (and appended to `problems`, for the caller's error message)."""
@@ -313,7 +307,7 @@ def load_latest(directory: Path, problems: Optional[list[str]] = None) -> Option
             side = _sidecar(path)
             if not side.exists():
                 raise ValueError("no .sha256 beside it to verify it against")
-            if side.read_text().strip() != _sha256(path):
+            if side.read_text().strip() != file_sha256(path):
                 raise ValueError("SHA-256 does not match the one written with it")
             data = read(path)
             if data.get("step") != step:

@@ -137,7 +137,8 @@ def worker(job_file: Path) -> int:
 
     from omegaconf import OmegaConf
 
-    from runner.budget import CostMeter, SweepLedger
+    from runner.budget import CostMeter
+    from runner.sweep_ledger import SweepLedger
     from runner.config import validate
     from runner.train import CLEAN_EXIT_REASONS, NonFiniteError, run
 

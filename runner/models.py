@@ -18,7 +18,6 @@ starts do not convert at once.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
+
+from runner.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ VERIFIED = ".runner_verified.json"  # {file name: [size, mtime_ns, inode]} at th
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -104,7 +97,7 @@ def cache_problem(target: Path, full: bool = False) -> Optional[str]:
         if not f.is_file():
             return f"{name} is missing"
         stamp = _stamp(f)
-        if seen.get(name) != stamp and _sha256(f) != digest:
+        if seen.get(name) != stamp and file_sha256(f) != digest:
             return f"{name} does not match its SHA-256 (damaged: truncated or overwritten)"
         now[name] = stamp
     if now != seen:
@@ -164,7 +157,7 @@ def _convert(package: str, filename: str, target: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / DIGESTS).write_text(json.dumps(digests, indent=1))
         if target.exists():
             shutil.rmtree(target)

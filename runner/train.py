@@ -23,7 +23,8 @@ import torch
 
 from runner import outdir
 from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype, sync_rollout_weights  # noqa: F401
-from runner.budget import CostMeter, SweepLedger
+from runner.budget import CostMeter
+from runner.sweep_ledger import SweepLedger
 from runner.checkpoint import rng_state, set_rng_state
 from runner.config import RunConfig
 from runner.loop import ending, run_state

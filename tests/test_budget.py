@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF, run_cli
-from runner.budget import CostMeter, SweepLedger
+from runner.budget import CostMeter
+from runner.sweep_ledger import SweepLedger
 from runner.config import validate
 from runner.train import run
 

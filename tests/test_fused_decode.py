@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from runner.digests import file_sha256
 from runner.backend import low_precision_copy
 from runner.rollout import fused_decode
 from runner.rollout.hf import HFRollout, position_ids
@@ -183,7 +184,7 @@ def test_library_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path))
     fused_decode.library()
     built = list((tmp_path / "fused_decode").glob("*.so"))
-    assert (built[0].parent / (built[0].name + ".sha256")).read_text() == fused_decode._digest(built[0])
+    assert (built[0].parent / (built[0].name + ".sha256")).read_text() == file_sha256(built[0])
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(fused_decode, "_LIB", {})  # as a new process: read from the cache dir, not rebuilt

@@ -43,13 +43,14 @@ def finish(trainer, reason: str) -> None:
         print(f"budget: stopped after step {trainer.step} of {t.steps}: spent ${meter.usd:.4f} of the "
               f"${trainer.cap():.4f} cap; the next step would take ~${meter.usd_for(meter.next_step_seconds()):.4f}",
               file=sys.stderr)
+    usd = meter.usd  # one reading: the sweep ledger records the total the run reports
     if trainer.ledger is not None:
-        trainer.ledger.finish(trainer.job_id, meter.usd)
+        trainer.ledger.finish(trainer.job_id, usd)
     # totals including the final evaluation, as tags: the step's cost metrics are logged already
     trainer.tracker.set_tags({"stop_reason": reason, "final_step": trainer.step,
                               "total_wall_s": f"{meter.wall_seconds:.1f}",
                               "total_device_hours": f"{meter.device_hours:.5f}",
-                              "total_usd": f"{meter.usd:.4f}"})
+                              "total_usd": f"{usd:.4f}"})
     trainer.log_artifacts()
     status = "FINISHED" if reason in FINISHED_REASONS else "KILLED"
     trainer.tracker.end(status)

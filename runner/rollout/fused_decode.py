@@ -45,6 +45,8 @@ from typing import Optional
 
 import torch
 
+from runner.digests import file_sha256
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -95,10 +97,6 @@ def library(march: str = "native") -> ctypes.CDLL:
     return _LIB[march]
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _compile(cc: str, march: str, path: Path) -> None:
     """Into a temporary name, renamed once whole, its SHA-256 beside it: a crash mid-build
     leaves no half library, and a file damaged later is found before it is loaded (the
@@ -111,7 +109,7 @@ def _compile(cc: str, march: str, path: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip().splitlines()[:3]}")
     digest = path.with_name(path.name + ".sha256")
     tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
-    tmp_digest.write_text(_digest(tmp))
+    tmp_digest.write_text(file_sha256(tmp))
     os.replace(tmp, path)
     os.replace(tmp_digest, digest)
 
@@ -128,7 +126,7 @@ def _load(march: str) -> ctypes.CDLL:
     digest = path.with_name(path.name + ".sha256")
     with open(out_dir / ".build.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same key waits for it
-        if path.exists() and not (digest.exists() and digest.read_text().strip() == _digest(path)):
+        if path.exists() and not (digest.exists() and digest.read_text().strip() == file_sha256(path)):
             why = "does not match its digest (damaged)" if digest.exists() else "has no digest"
             log.warning("fused decode kernel %s %s: building it again", path, why)
             path.unlink()
