@@ -47,7 +47,12 @@ def reevaluate(output_dir: Path, samples: int, seed: int) -> dict:
     cfg_path = output_dir / "config.yaml"
     if not cfg_path.is_file():
         raise SystemExit(f"error: {cfg_path} not found: not a run's output dir")
-    raw = OmegaConf.to_container(OmegaConf.load(cfg_path))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(cfg_path))
+        if not isinstance(raw, dict):
+            raise ValueError(f"a YAML {type(raw).__name__}, not a config")
+    except Exception as e:  # a damaged file: one line, not a parser's traceback
+        raise SystemExit(f"error: {cfg_path} is damaged ({(str(e).splitlines() or [type(e).__name__])[0][:160]})")
     raw["env"] = with_target(raw.get("env") or {})
     cfg = validate(raw)
     cfg.train.eval_samples = samples

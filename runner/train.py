@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -232,14 +233,21 @@ class Trainer:
 
     def start_vllm(self) -> None:
         """A vLLM engine colocated on this rank's GPU, started from the current (maybe
-        resumed) policy's weights, written once as plain Hugging Face files."""
+        resumed) policy's weights, written as plain Hugging Face files."""
         from runner.rollout.vllm import VLLMRollout
 
+        import shutil
+
+        # written anew at every start, whole before it gets its name: a copy left by an
+        # earlier attempt may be cut (a crash mid-save) and is never read back as it is
         weights = self.output_dir / "launch" / f"vllm_start_rank{self.backend.rank}"
+        tmp = weights.with_name(f".{weights.name}.tmp")
         with self.backend.gathered(self.model):
-            if not weights.exists():
-                self.model.save_pretrained(weights)
-                self.tok.save_pretrained(weights)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            shutil.rmtree(weights, ignore_errors=True)
+            os.replace(tmp, weights)
         self.rollout_model = self.model  # generation happens inside vLLM
         self.rollout = self.eval_rollout = VLLMRollout(self.cfg.rollout, str(weights), self.tok,
                                                        self.cfg.seed + self.backend.rank,
