@@ -3,7 +3,7 @@ contract they implement is in envs/base.py."""
 
 from __future__ import annotations
 
-from envs.base import INVALID, Environment, Prompt, Score
+from envs.base import INVALID, Demonstration, Environment, Prompt, Score
 from envs.dice import DiceEnv, parse_answer
 
-__all__ = ["INVALID", "Environment", "Prompt", "Score", "DiceEnv", "parse_answer"]
+__all__ = ["INVALID", "Demonstration", "Environment", "Prompt", "Score", "DiceEnv", "parse_answer"]

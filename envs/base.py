@@ -19,7 +19,10 @@ and may have:
   evaluation (accuracy, pass@k, maj@k);
 - `new_game(prompt)`, `score_game(game)`, `game_metrics(games, prefix)`: multi-turn episodes
   (envs/wordle.py is the example);
-- `metrics(scores, prefix)`: extra metrics of its own over a batch's Scores.
+- `metrics(scores, prefix)`: extra metrics of its own over a batch's Scores;
+- `demonstrations(n, seed)`: n expert examples (`Demonstration`) for supervised warm starts
+  (the SFT stage, the data-generation stage): for dice a target answer distribution, for
+  math the generator's answers, for Wordle a solver's games.
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ class Score:
     # The reward's parts where it is a sum (a dataset env's reward functions): logged as
     # reward/<part> means, as TRL logs each reward function.
     components: Optional[dict[str, float]] = None
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One expert example: the prompt as the environment gives it, and what the model should
+    write after the prompt's assistant prefix. Single-turn: `completion` is that text (what
+    `score` is handed). Multi-turn (a game): `turns` are the model's turns in order, each as
+    the model would write it; the environment's replies between them are not stored but made
+    again by replaying the turns through `new_game`/`play`, so a supervised model sees
+    exactly the replies RL rollouts see. Exactly one of the two is given."""
+
+    prompt: Prompt
+    completion: Optional[str] = None
+    turns: Optional[tuple[str, ...]] = None
 
 
 def require(cond: bool, key: str, value: object, rule: str) -> None:
