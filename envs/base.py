@@ -27,8 +27,9 @@ and may have:
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 INVALID = "invalid"
 
@@ -73,6 +74,25 @@ class Demonstration:
     prompt: Prompt
     completion: Optional[str] = None
     turns: Optional[tuple[str, ...]] = None
+
+
+def after_prefix(prefix: str, text: str) -> str:
+    """For `demonstrations`: what the model writes after the assistant prefix so that its turn
+    reads `text` (an expert's whole answer, e.g. "<answer>4</answer>"). The prefix is cut off
+    where `text` starts with it ("<answer>" -> "4</answer>"); a prefix that is not the start of
+    `text` (e.g. "Answer: ") stays in front of all of `text`."""
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def shuffled_cycle(size: int, rng: random.Random) -> Iterator[int]:
+    """For `demonstrations`: indices 0..size-1 in a fresh `rng` order each pass, forever, so n
+    examples repeat a training item only once all of them are used."""
+    if size < 1:
+        raise ValueError(f"size={size}: no training items to draw demonstrations from")
+    while True:
+        order = list(range(size))
+        rng.shuffle(order)
+        yield from order
 
 
 def require(cond: bool, key: str, value: object, rule: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from envs.base import INVALID, Prompt, Score, require
+from envs.base import INVALID, Demonstration, Prompt, Score, after_prefix, require
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _STRICT = re.compile(r"<answer>(\d+)</answer>")
@@ -41,6 +43,21 @@ def is_exact_format(text: str, finished: bool) -> bool:
     return finished and _STRICT.fullmatch(text) is not None
 
 
+def check_demo_weights(weights: Optional[dict[Any, Any]], faces: int) -> None:
+    """`demo_weights` names faces 1..faces (keys may arrive as numbers from a YAML or an
+    override) with finite weights >= 0 that do not all vanish; None is the uniform default."""
+    if weights is None:
+        return
+    require(isinstance(weights, dict) and bool(weights), "demo_weights", weights,
+            "must be a group of face: weight (e.g. {4: 0.5, 2: 0.25, 6: 0.25}) or null")
+    for face, w in weights.items():
+        require(str(face) in {str(i) for i in range(1, faces + 1)}, "demo_weights key", face,
+                f"must be a face 1..{faces}")
+        require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                f"demo_weights.{face}", w, "must be a number >= 0")
+    require(sum(weights.values()) > 0, "demo_weights", weights, "weights must not all be 0")
+
+
 @dataclass
 class DiceEnv:
     name: str = "dice"
@@ -50,12 +67,16 @@ class DiceEnv:
     strict_format: bool = False
     faces: int = 6
     even_only: bool = False  # true: only even faces earn reward (even_dice)
+    # the answer distribution `demonstrations` draws from: face -> weight (any face, also one
+    # that earns no reward); None: uniform over valid_answers
+    demo_weights: Optional[dict[str, float]] = None
 
     @staticmethod
     def check_config(cfg: dict) -> None:
         require(cfg["faces"] >= 2, "faces", cfg["faces"], "must be >= 2")
         require(bool(cfg["prompt"].strip()), "prompt", cfg["prompt"],
                 "must be a non-empty instruction (the user message every rollout answers)")
+        check_demo_weights(cfg.get("demo_weights"), cfg["faces"])
 
     def __post_init__(self) -> None:
         self.answer_space = [str(i) for i in range(1, self.faces + 1)]
@@ -65,6 +86,8 @@ class DiceEnv:
         if self.system_prompt is not None:
             messages.insert(0, ("system", self.system_prompt))
         self._prompt = Prompt(tuple(messages), self.assistant_prefix)
+        weights = self.demo_weights or {a: 1.0 for a in self.valid_answers}
+        self._demo = {str(face): float(w) for face, w in weights.items()}
 
     def prompts(self, step: int, n: int) -> list[Prompt]:
         return [self._prompt] * n
@@ -76,3 +99,13 @@ class DiceEnv:
         ok = answer in self._valid and (exact or not self.strict_format)
         return Score(reward=1.0 if ok else 0.0, answer_key=answer or INVALID, exact_format=exact,
                      answer_span=answer_span(text, len(prompt.assistant_prefix)))
+
+    def demonstrations(self, n: int, seed: int) -> list[Demonstration]:
+        """n answers drawn from `demo_weights` (uniform over the valid faces by default), each
+        written in the strict format `<answer>N</answer>` and nothing after, less the prompt's
+        assistant prefix. Supervised training on them puts the policy at that distribution
+        (e.g. mostly 4s: where the dice post's model started)."""
+        rng = random.Random(seed)
+        faces = rng.choices(list(self._demo), weights=list(self._demo.values()), k=n)
+        return [Demonstration(self._prompt, completion=after_prefix(self.assistant_prefix, f"<answer>{f}</answer>"))
+                for f in faces]

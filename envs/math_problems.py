@@ -11,11 +11,13 @@ printed canonically), so the divisor shaper counts "12" and "12.0" as one answer
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Optional
 
-from envs.base import INVALID, Prompt, Score, require
+from envs.base import INVALID, Demonstration, Prompt, Score, after_prefix, require, shuffled_cycle
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPEN = re.compile(r"<answer>([^\n<]*)")
@@ -58,6 +60,11 @@ def extract_answer(text: str, fmt: str, strict: bool = True) -> tuple[Optional[s
         return None, None
     start = text.find(boxed[0])
     return boxed[0].strip(), (start, start + len(boxed[0]))
+
+
+def render_answer(answer: str, fmt: str) -> str:
+    """An answer written in the env's `answer_format` (the form `extract_answer` reads)."""
+    return f"<answer>{answer}</answer>" if fmt == "answer" else f"\\boxed{{{answer}}}"
 
 
 def parse_math(text: str) -> list:
@@ -159,6 +166,25 @@ class MathEnv:
 
     def eval_prompts(self) -> list[Prompt]:
         return [self._prompt("eval", i, e) for i, e in enumerate(self.eval)]
+
+    def demonstration(self, i: int) -> Demonstration:
+        """Training problem i answered with the generator's own answer, in the answer format.
+        With `think`, a one-line thought first ("<think>", "The answer is A.", "</think>" lines):
+        the generators give no worked solution, so it teaches the format, not reasoning. An
+        assistant prefix that already opens the answer (think with prefix "<answer>") leaves
+        no room for a thought: then the answer alone."""
+        answer = str(self.train[i]["answer"]).strip()
+        rendered = render_answer(answer, self.answer_format)
+        thought = f"<think>\nThe answer is {answer}.\n</think>\n" + rendered
+        if self.think and thought.startswith(self.assistant_prefix):
+            rendered = thought
+        return Demonstration(self._prompt("train", i, self.train[i]),
+                             completion=after_prefix(self.assistant_prefix, rendered))
+
+    def demonstrations(self, n: int, seed: int) -> list[Demonstration]:
+        """n training-split problems (a seeded shuffle, each used once before any repeats),
+        each with the generator's answer (`demonstration`)."""
+        return [self.demonstration(i) for i in islice(shuffled_cycle(len(self.train), random.Random(seed)), n)]
 
     def entry(self, prompt: Prompt) -> dict:
         split, i = prompt.key

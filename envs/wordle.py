@@ -13,16 +13,22 @@ Reward (weights in the config): solved, plus a bonus for each turn left unused; 
 for well-formed, allowed guesses; partial credit from the best feedback seen (greens,
 yellows); optional penalties for repeating a guess or guessing a word that contradicts
 earlier feedback.
+
+Demonstrations (`demonstrations`, for supervised warm starts) are games of `WordleSolver`
+on training secrets: a fixed opening, then always the consistent candidate whose feedback
+splits the remaining candidates best (highest entropy).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from envs.base import INVALID, Prompt, Score, require
+from envs.base import INVALID, Demonstration, Prompt, Score, after_prefix, require, shuffled_cycle
 
 _GUESS = re.compile(r"<guess>(.*?)</guess>", re.DOTALL | re.IGNORECASE)
 _OPEN = re.compile(r"<guess>\s*([A-Za-z]{5})\b", re.IGNORECASE)
@@ -60,6 +66,69 @@ def feedback_text(guess: str, marks: str) -> str:
 def consistent(guess: str, history: list[tuple[str, str]]) -> bool:
     """Whether `guess` could still be the secret given every (guess, marks) so far."""
     return all(feedback(guess, g) == m for g, m in history)
+
+
+class WordleSolver:
+    """Plays hard-mode Wordle over `words`: every guess is a word that could still be the
+    secret (consistent with all feedback so far), chosen as the one whose feedback splits the
+    remaining candidates best: the least sum of n*log(n) over the feedback buckets (sizes n),
+    i.e. the most expected information; ties broken by the caller's rng. On reasoning-gym's
+    2315 words with the opening "slate" it wins 99.7% of games within 6 turns, in 3.52 turns
+    on average (a random consistent guess after the same opening: 99.2%, 3.80 turns); the
+    losses are families like _ound, _atch (tests/test_demonstrations.py).
+
+    Speed: the opening's buckets are computed once; the best guesses for a candidate set are
+    cached (the same set recurs across secrets); with more than `search_limit` candidates
+    only that many guesses, drawn by the rng, are scored (only met without the fixed opening)."""
+
+    OPENING = "slate"
+
+    def __init__(self, words: list[str], opening: str = OPENING, search_limit: int = 300) -> None:
+        self.words = sorted(set(words))
+        self.search_limit = search_limit
+        self._best: dict[tuple[str, ...], list[str]] = {}
+        self.opening = opening if opening in self.words else self.best_guess(self.words, random.Random(0))
+        self._after_opening = self.split(self.opening, self.words)
+
+    @staticmethod
+    def split(guess: str, candidates: list[str]) -> dict[str, list[str]]:
+        """The candidates grouped by the feedback `guess` would get if each were the secret."""
+        buckets: dict[str, list[str]] = {}
+        for c in candidates:
+            buckets.setdefault(feedback(c, guess), []).append(c)
+        return buckets
+
+    @staticmethod
+    def spread(guess: str, candidates: list[str]) -> float:
+        """Sum of n*log(n) over the buckets of `guess`: lower means more information."""
+        return sum(n * math.log(n) for n in Counter(feedback(c, guess) for c in candidates).values())
+
+    def best_guess(self, candidates: list[str], rng: random.Random) -> str:
+        """The candidate with the least `spread` over `candidates` (one of the tied best)."""
+        if len(candidates) > self.search_limit:  # too many to score all: a sample of guesses
+            scored = {g: self.spread(g, candidates) for g in rng.sample(candidates, self.search_limit)}
+            return min(scored, key=scored.__getitem__)
+        key = tuple(candidates)
+        if key not in self._best:
+            scored = {g: self.spread(g, candidates) for g in candidates}
+            low = min(scored.values())
+            self._best[key] = sorted(g for g, v in scored.items() if v == low)
+        return rng.choice(self._best[key])
+
+    def solve(self, secret: str, rng: random.Random, max_turns: int = 6) -> list[str]:
+        """The solver's guesses for `secret`, up to max_turns; the last is the secret when it
+        solved in time."""
+        guesses, history = [self.opening], []
+        while guesses[-1] != secret and len(guesses) < max_turns:
+            history.append((guesses[-1], feedback(secret, guesses[-1])))
+            if len(history) == 1:
+                candidates = self._after_opening.get(history[0][1], [])
+            else:
+                candidates = [c for c in candidates if consistent(c, history[-1:])]
+            if not candidates:  # a secret outside the word list: nothing consistent is left
+                break
+            guesses.append(self.best_guess(candidates, rng))
+        return guesses
 
 
 REWARD_WEIGHTS = {"solve": 1.0, "turn_bonus": 0.1, "format": 0.1, "partial": 0.2, "repeat": 0.0, "inconsistent": 0.0}
@@ -116,6 +185,45 @@ class WordleEnv:
         random.Random(self.seed).shuffle(order)
         self.eval_secrets = order[: self.eval_size]
         self.train_secrets = order[self.eval_size:]
+
+    # -- demonstrations --------------------------------------------------------------------
+    @property
+    def solver(self) -> WordleSolver:
+        """The solver over this env's words, built on first use (its caches are kept)."""
+        if getattr(self, "_solver", None) is None:
+            self._solver = WordleSolver(self.words)
+        return self._solver
+
+    def solve(self, secret: str, rng: random.Random) -> list[str]:
+        """The solver's guesses for `secret` within this env's max_turns."""
+        return self.solver.solve(secret, rng, self.max_turns)
+
+    def turn_text(self, guess: str) -> str:
+        """A guess as the model writes it after each turn's assistant prefix (`play` reads
+        prefix + this): "crane</guess>" with the default prefix "<guess>"."""
+        return after_prefix(self.assistant_prefix, f"<guess>{guess}</guess>")
+
+    def demonstrations(self, n: int, seed: int) -> list[Demonstration]:
+        """n solver games on training secrets (a seeded shuffle, each secret once before any
+        repeats), only games the solver won within max_turns; the turns are the model's
+        texts, the replies come from replaying them through `new_game`/`play`."""
+        rng = random.Random(seed)
+        out: list[Demonstration] = []
+        misses = 0  # lost games since the last won one
+        for i in shuffled_cycle(len(self.train_secrets), rng):
+            if len(out) >= n:
+                break
+            secret = self.train_secrets[i]
+            guesses = self.solve(secret, rng)
+            if guesses[-1] != secret:
+                misses += 1
+                # two passes' worth of draws hold every secret at least once: none was won
+                if misses >= 2 * len(self.train_secrets):
+                    raise ValueError(f"max_turns={self.max_turns}: the solver wins no training game")
+                continue
+            misses = 0
+            out.append(Demonstration(self._prompt("train", i), turns=tuple(map(self.turn_text, guesses))))
+        return out
 
     # -- prompts ---------------------------------------------------------------------------
     def _prompt(self, split: str, i: int) -> Prompt:

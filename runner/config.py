@@ -100,6 +100,10 @@ class OverlongConfig:
 @dataclass
 class AlgoConfig:
     name: str = "grpo"
+    # rl: a step samples rollouts, scores and shapes them (the RL step); sft: a step trains on
+    # a batch of supervised examples (runner/loop/sft_step.py; the `sft` preset): the same
+    # loss with clip_mode=nll and advantage 1, the same job around it
+    kind: str = "rl"
     group_size: int = 6
     lr: float = 5e-5
     # constant | linear | cosine (to 0 at train.steps), after warmup_steps of linear warm-up
@@ -334,6 +338,21 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The supervised step's data (algo.kind=sft)."""
+
+    # a dataset file in TRL's formats (prompt/completion columns, or a `messages`
+    # conversation): JSONL, JSON, Parquet, CSV or a save_to_disk dir; null: the environment's
+    # own demonstrations(n, seed)
+    data: Optional[str] = None
+    demonstrations: int = 1024  # how many the environment makes, where data is null
+    batch_size: int = 16  # examples a step
+    max_length: int = 512  # completion tokens an example may have (a game's replies included)
+    truncation: str = "refuse"  # refuse: a longer example is refused naming it | truncate: cut, counted
+    eval_size: int = 64  # held-out examples for eval/sft_loss (0: none)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     objective: str = "eval/prob/tv_uniform_valid"
@@ -351,6 +370,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -551,7 +571,10 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("algo.scale_rewards", a.scale_rewards, SCALE_REWARDS)
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", a.adv_clip, "must be > 0 or null")
     _one_of("algo.ratio_level", a.ratio_level, ("token", "sequence"))
-    _one_of("algo.clip_mode", a.clip_mode, ("ppo", "cispo"))
+    _one_of("algo.kind", a.kind, ("rl", "sft"))
+    _one_of("algo.clip_mode", a.clip_mode, ("ppo", "cispo", "nll"))
+    _check(a.kind == "rl" or a.clip_mode == "nll", "algo.clip_mode", a.clip_mode,
+           "must be nll with algo.kind=sft (the supervised loss: -logp of the example's tokens)")
     _check(a.clip_low is None or 0 <= a.clip_low < 1, "algo.clip_low", a.clip_low,
            "must be in [0, 1), or null for no lower bound")
     _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
@@ -687,6 +710,12 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
+    f = c.sft
+    _check(f.demonstrations >= 1, "sft.demonstrations", f.demonstrations, "must be an integer >= 1")
+    _check(f.batch_size >= 1, "sft.batch_size", f.batch_size, "must be an integer >= 1")
+    _check(f.max_length >= 1, "sft.max_length", f.max_length, "must be an integer >= 1")
+    _one_of("sft.truncation", f.truncation, ("refuse", "truncate"))
+    _check(f.eval_size >= 0, "sft.eval_size", f.eval_size, "must be an integer >= 0")
 
 
 def _check_lora(c: RunConfig) -> None:

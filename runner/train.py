@@ -23,7 +23,7 @@ from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype
 from runner.budget import CostMeter
 from runner.sweep_ledger import SweepLedger
 from runner.config import RunConfig
-from runner.loop import ending, run_state
+from runner.loop import ending, run_state, sft_step
 from runner.loop.ending import CLEAN_EXIT_REASONS, FINISHED_REASONS  # noqa: F401  (the entry points' exit codes)
 from runner.loop.run_state import History
 from runner.loop.collector import Collector
@@ -81,6 +81,12 @@ class Trainer:
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = build_env(cfg.env, cfg.seed)
+        # algo.kind=sft: the examples, read and checked before the model loads (runner/loop/sft_step.py)
+        self.sft = sft_step.SFTData(cfg, self.env) if cfg.algo.kind == "sft" else None
+        if self.sft is not None:  # with the tokenizer alone: a too-long example is refused before the weights load
+            from runner.models import load_tokenizer
+
+            self.sft.tokenize(load_tokenizer(cfg.model))
         # the sampler records log-probs at the loss's temperature: the same distribution the loss computes
         self.rollout = make_rollout(cfg.rollout, cfg.algo.loss_temperature) if cfg.rollout.name == "hf" else None
         self.sampler = self.rollout  # the HF sampling loop itself, whatever wraps it below
@@ -196,6 +202,9 @@ class Trainer:
             return
         self.tracker = open_run(self.cfg, self.output_dir, self.step, config_yaml, parent_run_id, extra_tags,
                                 invocation, self.fell_back)
+        if self.sft is not None:  # what the run trains on (a resume on other data shows as a changed digest)
+            self.tracker.set_tags({"sft.data": self.sft.source, "sft.examples": len(self.sft.examples),
+                                   "sft.data_sha256": self.sft.digest, "sft.truncated": self.sft.truncated})
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -205,6 +214,9 @@ class Trainer:
         # the policy that samples this step's rollouts, before it does
         probs = self.evaluator.policy_probabilities(self.eval_model, self.step) if bk.is_main else {}
         t0 = time.perf_counter()
+        if self.sft is not None:  # the supervised step kind: examples instead of rollouts
+            m = sft_step.step(self)
+            return {**m, **probs, "time/step_s": time.perf_counter() - t0, "time/train_s": time.perf_counter() - t0}
         with self.autocast():
             c = self.collector.collect(self.rollout, self.rollout_model, self.tok, self.step)
         if cfg.rollout.name == "vllm":
@@ -249,6 +261,8 @@ class Trainer:
 
     def evaluate(self, samples: Optional[int] = None) -> dict[str, float]:
         m = self.evaluator.evaluate(self.eval_rollout, self.rollout_model, self.eval_model, self.step, samples)
+        if self.sft is not None:
+            m.update(sft_step.heldout_loss(self))
         if self.evaluator.last and self.evaluator.last["dist"]:
             self.history.eval.append((self.step, self.evaluator.last["dist"]))
         return m
@@ -361,8 +375,12 @@ class Trainer:
                     m["cost/sweep_usd"] = self.ledger.charge(self.job_id, self.meter.usd)
                 self.tracker.log_metrics(m, self.step)
                 self.final_metrics.update(m)
-                bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
-                                valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
+                if self.sft is not None:
+                    bar.set_postfix(loss=f"{m['sft/loss']:.3f}", epoch=f"{m['sft/epoch']:.2f}",
+                                    usd=f"{self.meter.usd:.3f}", refresh=False)
+                else:
+                    bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
+                                    valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
                 saved = self.step % cfg.train.checkpoint_every == 0
                 if saved:

@@ -172,6 +172,8 @@ def policy_loss(
 
     ppo:   per token -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
     cispo: per token -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp
+    nll:   per token -A * logp (no ratio, no clipping): with A = 1 the negative log-likelihood
+           of a supervised example's tokens, so SFT is this loss too (runner/loop/sft_step.py)
     ratio: exp(logp - old_logp) per token, or for ratio_level=sequence the exp of the
     mean log-ratio over the sequence's tokens, shared by all of them (GSPO).
 
@@ -200,8 +202,10 @@ def policy_loss(
         per_token = -torch.minimum(ratio * a, clipped_ratio * a)
     elif cfg.clip_mode == "cispo":
         per_token = -clipped_ratio.detach() * a * logp
+    elif cfg.clip_mode == "nll":  # no ratio: with advantage 1, the supervised loss (algo.kind=sft)
+        per_token = -a * logp
     else:
-        raise ValueError(f"algo.clip_mode={cfg.clip_mode!r}: must be ppo or cispo")
+        raise ValueError(f"algo.clip_mode={cfg.clip_mode!r}: must be ppo, cispo or nll")
     if is_weight is not None:
         per_token = per_token * is_weight.detach()
     loss = aggregate(per_token * pg_mask.to(per_token.dtype), mask, cfg.loss_agg, norm)

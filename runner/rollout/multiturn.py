@@ -72,28 +72,47 @@ class MultiTurnRollout:
                     text = tokenizer.decode(sampled, skip_special_tokens=True)
                     reply = self.env.play(games[i], text)
                     if reply is not None:
-                        between = reply_text(tokenizer, rows[i], reply)
-                        if ended is not None:  # the model closed its turn itself: drop the template's close
-                            eos_text = tokenizer.decode([sampled[-1]])
-                            between = between[len(eos_text):] if between.startswith(eos_text) else between
-                        env_ids = tokenizer(between, add_special_tokens=False)["input_ids"]
+                        env_ids = between_turns(tokenizer, rows[i], reply, sampled[-1] if ended is not None else None)
                         comp[i] += env_ids
                         train[i] += [0] * len(env_ids)
                         turn_of[i] += [-1] * len(env_ids)
         finally:
             model.train(was_training)
-        P = max(len(p) for p in prompt_ids)
-        C = max(1, max(len(c) for c in comp))
-        input_ids = torch.tensor([[pad] * (P - len(p)) + p + c + [pad] * (C - len(c))
-                                  for p, c in zip(prompt_ids, comp)], device=device)
-        attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c))
-                                  for p, c in zip(prompt_ids, comp)], device=device)
-        mask = torch.tensor([m + [0] * (C - len(m)) for m in train], device=device, dtype=torch.bool)
-        turns = torch.tensor([t + [-1] * (C - len(t)) for t in turn_of], device=device)
-        texts = [tokenizer.decode([t for t, m in zip(c, tm) if m], skip_special_tokens=True)
-                 for c, tm in zip(comp, train)]
-        return RolloutBatch(
-            input_ids=input_ids, attention_mask=attention, completion_mask=mask, prompt_len=P,
-            groups=torch.tensor(groups, device=device), prompts=rows, completions=texts,
-            finished=[g.done for g in games], episodes=games, token_turn=turns,
-        )
+        return assemble(tokenizer, rows, groups, prompt_ids, comp, train, turn_of, device,
+                        finished=[g.done for g in games], episodes=games)
+
+
+def between_turns(tokenizer, prompt: Prompt, reply: str, closed_with: Optional[int]) -> list[int]:
+    """The tokens between a model turn and the next: the environment's reply as the chat
+    template renders it, plus the assistant prefix. `closed_with`: the end-of-turn token the
+    model's turn ended with, whose text the template would otherwise write a second time."""
+    between = reply_text(tokenizer, prompt, reply)
+    if closed_with is not None:
+        eos_text = tokenizer.decode([closed_with])
+        between = between[len(eos_text):] if between.startswith(eos_text) else between
+    return tokenizer(between, add_special_tokens=False)["input_ids"]
+
+
+def assemble(tokenizer, rows: Sequence[Prompt], groups: Sequence[int], prompt_ids: list[list[int]],
+             comp: list[list[int]], train: list[list[int]], turn_of: Optional[list[list[int]]], device,
+             finished: list[bool], episodes: Optional[list] = None) -> RolloutBatch:
+    """A batch from token lists: prompts left-padded, completions right-padded; `train` 1 on
+    the model's own tokens (the loss's), 0 on the environment's; `turn_of` the model turn of
+    each completion token (-1: the environment's), None for single-turn rows. Sampled
+    episodes and supervised examples (runner/loop/sft_step.py) are assembled alike."""
+    pad = tokenizer.pad_token_id
+    P = max(len(p) for p in prompt_ids)
+    C = max(1, max(len(c) for c in comp))
+    input_ids = torch.tensor([[pad] * (P - len(p)) + p + c + [pad] * (C - len(c))
+                              for p, c in zip(prompt_ids, comp)], device=device)
+    attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c))
+                              for p, c in zip(prompt_ids, comp)], device=device)
+    mask = torch.tensor([m + [0] * (C - len(m)) for m in train], device=device, dtype=torch.bool)
+    turns = None if turn_of is None else torch.tensor([t + [-1] * (C - len(t)) for t in turn_of], device=device)
+    texts = [tokenizer.decode([t for t, m in zip(c, tm) if m], skip_special_tokens=True)
+             for c, tm in zip(comp, train)]
+    return RolloutBatch(
+        input_ids=input_ids, attention_mask=attention, completion_mask=mask, prompt_len=P,
+        groups=torch.tensor(list(groups), device=device), prompts=list(rows), completions=texts,
+        finished=finished, episodes=episodes, token_turn=turns,
+    )
