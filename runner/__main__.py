@@ -46,6 +46,17 @@ def main(cfg: DictConfig) -> Optional[float]:
     output_dir = Path(hc.runtime.output_dir).resolve()
     run_cfg.output_dir = str(output_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
+    if run_cfg.stages:  # a staged recipe: each stage is a job of its own (runner/recipe.py)
+        from runner.recipe import run_recipe
+
+        try:
+            outdir.lock(output_dir)
+            sys.exit(run_recipe(run_cfg, list(hc.overrides.task), output_dir))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            outdir.unlock(output_dir)
     try:
         outdir.lock(output_dir)  # held until this job returns (the kernel drops it if we die)
         resume = outdir.decide(output_dir, config_yaml, run_cfg.train.resume, explicit_store(run_cfg.tracking.uri),
@@ -90,9 +101,11 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         run_cfg.tracking.uri = resume.tracking_uri
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
 
-    ledger, parent_id, job, job_id = None, None, "0", "0"  # job_id: the job's key in the sweep ledger
+    # a staged recipe's stage names its parent run and its own tags (runner/recipe.py)
+    ledger, parent_id, job, job_id = None, run_cfg.tracking.parent_run_id, "0", "0"  # job_id: its sweep-ledger key
     recipe = hc.runtime.choices.get("recipe")
     tags = {"recipe": recipe} if recipe and recipe != "null" else {}
+    tags.update(run_cfg.tracking.tags)
     overrides = list(hc.overrides.task)
     tags["overrides"] = (" ".join(overrides) or "(defaults)")[:5000]
     # appended to <output_dir>/overrides.yaml once the resume checks passed (Trainer.open_tracking):

@@ -291,6 +291,9 @@ class TrackingConfig:
     # MLflow's system metrics (CPU, memory, disk, network, GPU where present) every N seconds.
     system_metrics: bool = True
     system_metrics_interval: float = 10.0
+    # set by a staged recipe (runner/recipe.py) on each stage's job: its parent run, and tags
+    parent_run_id: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -353,6 +356,24 @@ class SFTConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged recipe (runner/recipe.py): a job of its own, run with the
+    recipe's config plus these overrides, starting from the previous stage's exported model."""
+
+    name: str = "stage"
+    kind: str = "rl"  # eval (train.steps=0: evaluate the model as it is) | sft | rl
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CardConfig:
+    """The end-task metric a staged recipe's card compares (runner/track/card.py)."""
+
+    metric: str = "eval/accuracy"
+    higher_is_better: bool = True
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     objective: str = "eval/prob/tv_uniform_valid"
@@ -371,6 +392,9 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    # a staged recipe: these jobs in order, each from the previous one's exported model; [] = one job
+    stages: list[StageConfig] = field(default_factory=list)
+    card: CardConfig = field(default_factory=CardConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -434,6 +458,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list, e.g. [a, b]")
+        if args and len(args) == 1 and dataclasses.is_dataclass(args[0]):  # a list of groups (stages)
+            return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         if args and len(args) == 1:
             return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
         return list(value)
@@ -692,7 +718,7 @@ def _check_ranges(c: RunConfig) -> None:
            c.tracking.system_metrics_interval, "must be >= 1 (seconds between samples)")
 
     t = c.train
-    _check(t.steps >= 1, "train.steps", t.steps, "must be an integer >= 1")
+    _check(t.steps >= 0, "train.steps", t.steps, "must be an integer >= 0 (0: evaluate and export the model as it is)")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 evaluates only at the end)")
     _check(t.eval_samples >= 1, "train.eval_samples", t.eval_samples, "must be >= 1")
@@ -710,6 +736,11 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
+    names = [st.name for st in c.stages]
+    for i, st in enumerate(c.stages):
+        _one_of(f"stages[{i}].kind", st.kind, ("eval", "sft", "rl"))
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_\-]+", st.name)) and names.count(st.name) == 1, f"stages[{i}].name",
+               st.name, "must be a unique name of letters, digits, _ and - (it names the stage's output dir)")
     f = c.sft
     _check(f.demonstrations >= 1, "sft.demonstrations", f.demonstrations, "must be an integer >= 1")
     _check(f.batch_size >= 1, "sft.batch_size", f.batch_size, "must be an integer >= 1")

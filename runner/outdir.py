@@ -49,7 +49,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.eval_samples", "train.fin
              "train.max_generated_tokens", "train.max_nonfinite_steps", "train.resume", "train.export",
              "train.keep_final_checkpoint", "train.reward_timeout_s", "train.stop_grace_s", "budget.",
              "trainer.num_threads", "tracking.flush_every", "tracking.samples_every",
-             "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "output_dir", "objective", "report")
+             "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.uri", "tracking.parent_run_id", "tracking.tags.", "output_dir", "objective", "report")
 
 
 class OutputDirError(ConfigError):

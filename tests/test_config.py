@@ -53,7 +53,7 @@ def test_defaults_are_the_main_job():
 @pytest.mark.parametrize(
     "overrides,first_line",
     [
-        (["train.steps=0"], "train.steps=0: must be an integer >= 1"),
+        (["train.steps=-1"], "train.steps=-1: must be an integer >= 0"),
         (["train.steps=abc"], "train.steps='abc': expected an integer"),
         (["algo.group_size=1"], "algo.group_size=1: must be an integer >= 2"),
         (["algo.group_size=-3"], "algo.group_size=-3: must be an integer >= 2"),

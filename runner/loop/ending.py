@@ -25,7 +25,9 @@ def finish(trainer, reason: str) -> None:
     final_n = t.final_eval_samples or t.eval_samples
     eval_fits = not trainer.meter.would_exceed(trainer.cap(),
                                                extra_seconds=trainer.evaluator.seconds * final_n / t.eval_samples or None)
-    due = trainer.evaluator.last_step != trainer.step and trainer.step > 0 and trainer.backend.is_main
+    # train.steps=0 (a recipe's eval stage): the model as it is, evaluated once
+    due = (trainer.evaluator.last_step != trainer.step and (trainer.step > 0 or t.steps == 0)
+           and trainer.backend.is_main)
     if due and reason in FINISHED_REASONS and (reason != "budget" or eval_fits):
         m = trainer.evaluate(samples=final_n)
         trainer.tracker.log_metrics(m, trainer.step)

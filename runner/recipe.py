@@ -1,0 +1,209 @@
+"""Staged recipes: evaluate the base model, SFT, then RL, as one resumable, budgeted, logged run.
+
+A recipe whose config has `stages` runs each stage as a job of its own (`python -m runner`
+with the recipe's overrides, the command's, the stage's, and `stages=[]`), so every stage has
+the whole single-job contract: its own output dir `<output_dir>/<i>-<name>`, checkpoints,
+resume and refusal of a changed config, MLflow run, budget meter, signals and export. What
+the recipe adds:
+
+- handoff: a stage after one that exported weights starts from them (`model=pretrained
+  model.path=<previous>/hf_model`: tokenizer and chat template included, LoRA merged);
+- one MLflow parent run (tags `runner.recipe`, `runner.card_metric`, ...) with a child run
+  per stage (`runner.stage`, `runner.stage_index`, `runner.stage_kind`, `command`), as
+  runner/track/card.py reads them;
+- resume: the same command again runs every stage again, and a finished stage ends at once
+  by its own record ("already finished"); the parent run is the one in `recipe_state.json`;
+- `budget.cap_usd` caps the whole recipe: each stage gets what the earlier ones left;
+- at the end, `recipe_card.md` and its plot, in the output dir and on the parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from runner import host
+from runner.config import ConfigError
+from runner.state_files import read_json, write_json_atomic
+
+log = logging.getLogger("runner")
+
+STATE_FILE = "recipe_state.json"
+REMEDY = "restore it, or use another output_dir (the stages' own dirs keep their runs)"
+# what a stage of each kind adds to its overrides, so its kind and its job agree
+KIND_OVERRIDES = {"eval": ["train.steps=0"], "sft": ["algo=sft"], "rl": []}
+
+
+def _state_shape(data) -> Optional[str]:
+    if not isinstance(data, dict) or not isinstance(data.get("parent_run_id"), (str, type(None))):
+        return 'expected {"parent_run_id": ..., "stages": {...}}'
+    return None
+
+
+def _config_dir_args(argv: list[str]) -> list[str]:
+    """The command's own --config-dir/--config-name (a recipe of yours outside conf/)."""
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("--config-dir", "-cd", "--config-name", "-cn") and i + 1 < len(argv):
+            out += [a, argv[i + 1]]
+        elif a.startswith(("--config-dir=", "--config-name=")):
+            out.append(a)
+    return out
+
+
+def _base_overrides(overrides: list[str], handed_off: bool) -> list[str]:
+    """The command's overrides that every stage gets; once a stage has exported weights the
+    model comes from them, so the command's model choice goes."""
+    drop = ("output_dir=", "stages=", "tracking.parent_run_id=", "tracking.tags")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(drop)]
+    if handed_off:
+        kept = [o for o in kept if not o.lstrip("+~").startswith(("model=", "model."))]
+    return kept
+
+
+def _child(uri: str, stage_dir: Path):
+    """The stage's MLflow run, by its output dir's record (None if it has none)."""
+    from mlflow.tracking import MlflowClient
+
+    from runner import outdir
+
+    run_id = outdir.read_record(stage_dir).get("run_id") if stage_dir.exists() else None
+    if not run_id:
+        return None, None
+    c = MlflowClient(uri)
+    try:
+        return c, c.get_run(run_id)
+    except Exception:  # the store lost it: the card will miss this stage, the stage's dir has it
+        return c, None
+
+
+def _start_parent(cfg, recipe: str, recipe_dir: Path, uri: str) -> Optional[str]:
+    from runner.track.store import Tracker
+
+    t = Tracker(uri, cfg.tracking.experiment)
+    t.start(f"recipe {recipe}", {"runner.recipe": recipe, "runner.card_metric": cfg.card.metric,
+                                 "runner.card_higher_is_better": str(cfg.card.higher_is_better).lower(),
+                                 "runner.machine": host.cpu_description(), "output_dir": str(recipe_dir)})
+    t.flush()
+    return t.run_id
+
+
+def _end_parent(uri: str, parent: Optional[str], status: str) -> None:
+    if not parent:
+        return
+    try:
+        from runner.track.connect import connect
+
+        connect(uri).set_terminated(parent, status=status)
+    except Exception as e:
+        log.warning("could not set the recipe's parent run %s to %s (%s)", parent, status, e)
+
+
+def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
+    """Run (or resume) the recipe's stages in order; returns the process's exit code."""
+    from runner.track.store import resolve_uri
+
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(cfg.tracking.uri)
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "staged")
+    state_path = recipe_dir / STATE_FILE
+    state = read_json(state_path, REMEDY, _state_shape) or {"parent_run_id": None, "stages": {}}
+    if state["parent_run_id"] is None:
+        state["parent_run_id"] = _start_parent(cfg, recipe, recipe_dir, uri)
+        state["tracking_uri"] = uri
+        write_json_atomic(state_path, state)
+    elif state.get("tracking_uri") not in (None, uri):
+        raise ConfigError(f"{state_path}: this recipe logs to {state['tracking_uri']}, this command to {uri}; pass "
+                          f"tracking.uri={state['tracking_uri']}, or use another output_dir")
+    parent = state["parent_run_id"]
+    spent, previous = 0.0, None
+    for i, st in enumerate(cfg.stages):
+        stage_dir = recipe_dir / f"{i}-{st.name}"
+        args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, previous is not None),
+                *KIND_OVERRIDES[st.kind], *st.overrides]
+        if previous is not None:
+            args += ["model=pretrained", f"model.path={previous}"]
+        if cfg.budget.cap_usd is not None:
+            left = cfg.budget.cap_usd - spent
+            if left <= 0:
+                print(f"recipe: the ${cfg.budget.cap_usd:g} cap is spent after {i} stage(s) (${spent:.4f}); "
+                      f"stage {st.name} not run", file=sys.stderr)
+                _end_parent(uri, parent, "FINISHED")
+                return 0
+            args.append(f"budget.cap_usd={left:.6g}")
+        tags = {"runner.stage": st.name, "runner.stage_index": str(i), "runner.stage_kind": st.kind}
+        command = "python -m runner " + " ".join(shlex.quote(a) for a in args)
+        tags["command"] = command
+        args += ["stages=[]", f"output_dir={stage_dir}", f"tracking.uri={uri}",
+                 f"++tracking.tags={{{', '.join(f'{k}: {_yaml(v)}' for k, v in tags.items())}}}"]
+        if parent:
+            args.append(f"tracking.parent_run_id={parent}")
+        print(f"recipe {recipe}: stage {i + 1}/{len(cfg.stages)} {st.name} ({st.kind}) in {stage_dir}", file=sys.stderr)
+        rc = _run_stage([sys.executable, "-m", "runner", *args])
+        state["stages"][st.name] = {"dir": str(stage_dir), "returncode": rc}
+        write_json_atomic(state_path, state)
+        if rc != 0:
+            print(f"recipe {recipe}: stage {st.name} exited {rc}; the same command resumes it (finished stages "
+                  f"are not run again)", file=sys.stderr)
+            _end_parent(uri, parent, "KILLED" if rc == 130 else "FAILED")
+            return rc
+        client, run = _child(uri, stage_dir)
+        if run is not None:
+            spent += float(run.data.tags.get("total_usd", 0.0))
+            _log_sample_count(client, run, cfg.card.metric)
+        exported = stage_dir / "hf_model"
+        previous = exported if exported.is_dir() else previous
+    _write_card(parent, uri, recipe_dir)
+    _end_parent(uri, parent, "FINISHED")
+    return 0
+
+
+def _run_stage(cmd: list[str]) -> int:
+    """The stage's job, with Ctrl-C and SIGTERM left to it: a terminal's Ctrl-C reaches it
+    anyway (same process group), a SIGTERM sent to the recipe is passed on; either way the
+    stage stops after its step and checkpoints, as a single job does, and the recipe waits."""
+    import signal
+
+    proc = subprocess.Popen(cmd)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _yaml(v: str) -> str:
+    """A tag value as a quoted Hydra override string."""
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _log_sample_count(client, run, metric: str) -> None:
+    """`<metric>_n` for the card, where the stage's evaluation says how many samples it drew."""
+    m = run.data.metrics
+    if metric in m and f"{metric}_n" not in m:
+        n = m.get("eval/samples")
+        if n is not None:
+            step = max((x.step for x in client.get_metric_history(run.info.run_id, metric)), default=0)
+            client.log_metric(run.info.run_id, f"{metric}_n", float(n), step=step)
+
+
+def _write_card(parent: Optional[str], uri: str, recipe_dir: Path) -> None:
+    if not parent:
+        print("recipe: no parent run (MLflow unreachable at the start): no card; the stages' runs are complete",
+              file=sys.stderr)
+        return
+    from runner.track import card
+
+    try:
+        c = card.from_mlflow(parent, uri)
+        md, png = card.write(c, recipe_dir, uri)
+        print(f"recipe card: {md}", file=sys.stderr)
+    except Exception as e:  # the card is a report: its failure must not undo the stages
+        log.warning("recipe card not written (%s); rebuild it with `python -m runner.track.card --parent %s`", e,
+                    parent)

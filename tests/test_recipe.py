@@ -1,0 +1,115 @@
+"""Staged recipes (runner/recipe.py) on the tiny model: eval -> SFT -> RL with a parent run, a
+child per stage and a card; the handoff of exported weights; kill -9 in the second stage
+and the same command again. Real processes, a real SQLite store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT
+
+COMMON = ["model=tiny", "train.eval_every=0", "train.eval_samples=8", "train.final_eval_samples=8",
+          "tracking.system_metrics=false"]
+SFT = ("[train.steps=4, sft.batch_size=8, sft.eval_size=8, sft.demonstrations=64, algo.lr=1e-3, "
+       "'env.demo_weights={4: 0.5, 2: 0.25, 6: 0.25}']")
+
+
+def recipe(tmp_path: Path, name: str, stages: str, metric: str = "eval/prob/tv_uniform_valid") -> Path:
+    conf = tmp_path / "conf" / "recipe"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / f"{name}.yaml").write_text(f"# @package _global_\nstages:\n{stages}\ncard:\n  metric: {metric}\n"
+                                       f"  higher_is_better: false\n")
+    return tmp_path / "conf"
+
+
+def command(conf: Path, name: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "runner", "--config-dir", str(conf), f"recipe={name}", *COMMON,
+            f"output_dir={out}", *extra]
+
+
+def runs(d: Path):
+    c = MlflowClient(f"sqlite:///{d / 'mlruns.db'}")
+    return c, c.search_runs([c.get_experiment_by_name("runner").experiment_id])
+
+
+def stage_runs(c, all_runs, parent: str) -> dict:
+    return {r.data.tags["runner.stage"]: r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent}
+
+
+def test_eval_sft_rl_recipe_runs_end_to_end_with_a_card(tmp_path):
+    conf = recipe(tmp_path, "staged", f"  - {{name: base, kind: eval}}\n  - {{name: sft, kind: sft, overrides: {SFT}}}\n"
+                                      f"  - {{name: rl, kind: rl, overrides: [train.steps=3, algo.group_size=6]}}")
+    out = tmp_path / "out"
+    r = subprocess.run(command(conf, "staged", out), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c, all_runs = runs(tmp_path)
+    (parent,) = [x for x in all_runs if x.data.tags.get("runner.recipe") == "staged"]
+    assert parent.info.status == "FINISHED"
+    kids = stage_runs(c, all_runs, parent.info.run_id)
+    assert set(kids) == {"base", "sft", "rl"} and all(k.info.status == "FINISHED" for k in kids.values())
+    assert [kids[s].data.tags["runner.stage_kind"] for s in ("base", "sft", "rl")] == ["eval", "sft", "rl"]
+    assert kids["sft"].data.params["algo.kind"] == "sft" and kids["base"].data.params["train.steps"] == "0"
+    assert "eval/prob/tv_uniform_valid_n" in kids["rl"].data.metrics
+    # the handoff: each stage after the first starts from the previous one's export
+    assert kids["sft"].data.params["model.path"] == str(out / "0-base" / "hf_model")
+    assert kids["rl"].data.params["model.path"] == str(out / "1-sft" / "hf_model")
+    card = (out / "recipe_card.md").read_text()
+    assert "| 2 | rl | rl | FINISHED |" in card and "Verdict" in card and (out / "recipe_card.png").stat().st_size > 0
+    assert "recipe_card.md" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+def test_a_stage_starts_from_exactly_the_previous_stages_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from runner import checkpoint as ckpt
+
+    conf = recipe(tmp_path, "handoff", f"  - {{name: sft, kind: sft, overrides: {SFT}}}\n  - {{name: after, kind: eval}}")
+    out = tmp_path / "out"
+    r = subprocess.run(command(conf, "handoff", out), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = load_file(out / "0-sft" / "hf_model" / "model.safetensors")
+    started = ckpt.read(out / "1-after" / "checkpoints" / "ckpt-00000000.pt")["model"]
+    assert set(exported) <= set(started)
+    assert all(torch.equal(exported[k], started[k]) for k in exported)
+
+
+def test_kill_9_in_the_second_stage_then_the_same_command_resumes_it(tmp_path):
+    conf = recipe(tmp_path, "long", "  - {name: base, kind: eval}\n  - {name: sft, kind: sft, overrides: "
+                                    "[train.steps=24, train.checkpoint_every=4, sft.batch_size=4, sft.eval_size=4, "
+                                    "sft.demonstrations=64]}")
+    out = tmp_path / "out"
+    p = subprocess.Popen(command(conf, "long", out), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = out / "1-sft" / "checkpoints" / "ckpt-00000008.pt.sha256"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert time.time() < deadline and p.poll() is None, "the second stage never reached its checkpoint"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the recipe and its stage's job
+    p.wait()
+    c, before = runs(tmp_path)
+    base_before = [x for x in before if x.data.tags.get("runner.stage") == "base"]
+    r = subprocess.run(command(conf, "long", out), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already finished" in r.stderr  # the first stage is not run again
+    c, after = runs(tmp_path)
+    (parent,) = [x for x in after if x.data.tags.get("runner.recipe") == "long"]
+    kids = stage_runs(c, after, parent.info.run_id)
+    assert len([x for x in after if x.data.tags.get("runner.stage") == "base"]) == len(base_before) == 1
+    assert len([x for x in after if x.data.tags.get("runner.stage") == "sft"]) == 1  # resumed into the same run
+    sft = kids["sft"]
+    assert sft.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(sft.info.run_id, "sft/loss")) == list(range(1, 25))
+
+
+def test_a_bad_stage_is_refused_before_anything_runs(tmp_path):
+    conf = recipe(tmp_path, "bad", "  - {name: base, kind: pretrain}")
+    r = subprocess.run(command(conf, "bad", tmp_path / "out"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "stages[0].kind" in r.stderr.strip().splitlines()[0]
+    assert not (tmp_path / "out" / "0-base").exists()
