@@ -103,6 +103,30 @@ def _end_parent(uri: str, parent: Optional[str], status: str) -> None:
         log.warning("could not set the recipe's parent run %s to %s (%s)", parent, status, e)
 
 
+def estimate_recipe(cfg, overrides: list[str], recipe_dir: Path, recipe: str) -> int:
+    """budget.estimate_only=true: every stage priced by its own estimate (timed steps on this
+    machine, nothing logged or checkpointed, in `<output_dir>/estimate/`), and the total.
+    The stages are priced on the command's model: the earlier stages' exports do not exist yet,
+    and a stage's weights do not change its cost."""
+    total_usd, total_s, rows = 0.0, 0.0, []
+    for i, st in enumerate(cfg.stages):
+        d = recipe_dir / "estimate" / f"{i}-{st.name}"
+        args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, False), *KIND_OVERRIDES[st.kind],
+                *st.overrides, "stages=[]", f"output_dir={d}", "budget.estimate_only=true", "budget.cap_usd=null"]
+        print(f"recipe {recipe}: pricing stage {i + 1}/{len(cfg.stages)} {st.name} ({st.kind})", file=sys.stderr)
+        rc = _run_stage([sys.executable, "-m", "runner", *args])
+        if rc != 0:
+            return rc
+        est = read_json(d / "estimate.json", "run the estimate again", lambda x: None if isinstance(x, dict) else "not an object")
+        total_usd, total_s = total_usd + est["usd"], total_s + est["total_s"]
+        rows.append(f"  {st.name:<16} {st.kind:<5} {est['total_s'] / 60:7.1f} min  ${est['usd']:.4f}")
+    cap = cfg.budget.cap_usd
+    fits = "no cap" if cap is None else ("fits" if total_usd <= cap else "does NOT fit") + f" the ${cap:g} cap"
+    print("\n".join([f"recipe {recipe} estimate (stages priced on {cfg.model.name}):", *rows,
+                      f"  {'total':<22} {total_s / 60:7.1f} min  ${total_usd:.4f} -> {fits}"]))
+    return 0
+
+
 def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
     """Run (or resume) the recipe's stages in order; returns the process's exit code."""
     from runner.track.store import resolve_uri
@@ -110,6 +134,9 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
     recipe_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(cfg.tracking.uri)
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "staged")
+    if cfg.budget.estimate_only:
+        return estimate_recipe(cfg, [o for o in overrides if not o.startswith("budget.estimate_only")],
+                               recipe_dir, recipe)
     state_path = recipe_dir / STATE_FILE
     state = read_json(state_path, REMEDY, _state_shape) or {"parent_run_id": None, "stages": {}}
     if state["parent_run_id"] is None:

@@ -446,6 +446,8 @@ def estimate(trainer: Trainer) -> dict[str, float]:
           f"  projected {total / 60:.1f} min, {est['device_hours']:.4f} device-hours, ${usd:.4f}"
           f" -> {'fits' if est['fits'] else 'does NOT fit'} the cap "
           f"{'(none)' if cap is None else f'${cap:.4f}'}")
+    if trainer.backend.is_main:  # what a staged recipe's estimate adds up (runner/recipe.py)
+        outdir.write_text_atomic(trainer.output_dir / "estimate.json", json.dumps(est, indent=2))
     return est
 
 

@@ -113,3 +113,19 @@ def test_a_bad_stage_is_refused_before_anything_runs(tmp_path):
     r = subprocess.run(command(conf, "bad", tmp_path / "out"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "stages[0].kind" in r.stderr.strip().splitlines()[0]
     assert not (tmp_path / "out" / "0-base").exists()
+
+
+def test_estimate_only_prices_every_stage_and_the_total(tmp_path):
+    conf = recipe(tmp_path, "priced", f"  - {{name: base, kind: eval}}\n  - {{name: sft, kind: sft, overrides: {SFT}}}")
+    out = tmp_path / "out"
+    r = subprocess.run(command(conf, "priced", out, "budget.estimate_only=true", "budget.estimate_steps=2",
+                               "budget.cap_usd=5"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    import json
+    import re
+
+    per = [json.loads((out / "estimate" / d / "estimate.json").read_text())["usd"] for d in ("0-base", "1-sft")]
+    total = float(re.search(r"total .* \$([0-9.]+) -> fits the \$5 cap", lines[-1]).group(1))
+    assert abs(total - sum(per)) < 1e-3 and any(l.strip().startswith("sft") for l in lines)
+    assert not (out / "0-base").exists() and not (tmp_path / "mlruns.db").exists()  # nothing trained or logged
