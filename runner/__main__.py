@@ -49,9 +49,16 @@ def main(cfg: DictConfig) -> Optional[float]:
     if run_cfg.stages:  # a staged recipe: each stage is a job of its own (runner/recipe.py)
         from runner.recipe import run_recipe
 
+        from hydra.types import RunMode
+
+        # in a sweep the jobs share the stages they have in common (keyed by content)
+        shared = Path(hc.sweep.dir).resolve() / "stages" if hc.mode == RunMode.MULTIRUN else None
         try:
             outdir.lock(output_dir)
-            sys.exit(run_recipe(run_cfg, list(hc.overrides.task), output_dir))
+            rc = run_recipe(run_cfg, list(hc.overrides.task), output_dir, shared)
+            if rc:
+                sys.exit(rc)
+            return math.nan  # (a sweep's other jobs go on; the card holds the results)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

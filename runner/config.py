@@ -394,6 +394,9 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     # a staged recipe: these jobs in order, each from the previous one's exported model; [] = one job
     stages: list[StageConfig] = field(default_factory=list)
+    # extra overrides of one stage from the command line or a sweep, by stage name:
+    # 'stage_overrides.rl=[seed=1]' (a sweep over it shares every stage before rl)
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
     card: CardConfig = field(default_factory=CardConfig)
 
 
@@ -737,6 +740,10 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
     names = [st.name for st in c.stages]
+    for name, extra in c.stage_overrides.items():
+        _check(name in names, f"stage_overrides.{name}", extra, f"names no stage; stages: {', '.join(names) or '(none)'}")
+        _check(isinstance(extra, list) and all(isinstance(x, str) and "=" in x for x in extra),
+               f"stage_overrides.{name}", extra, "must be a list of overrides, e.g. [seed=1]")
     for i, st in enumerate(c.stages):
         _one_of(f"stages[{i}].kind", st.kind, ("eval", "sft", "rl"))
         _check(bool(re.fullmatch(r"[A-Za-z0-9_\-]+", st.name)) and names.count(st.name) == 1, f"stages[{i}].name",

@@ -58,7 +58,7 @@ def _config_dir_args(argv: list[str]) -> list[str]:
 def _base_overrides(overrides: list[str], handed_off: bool) -> list[str]:
     """The command's overrides that every stage gets; once a stage has exported weights the
     model comes from them, so the command's model choice goes."""
-    drop = ("output_dir=", "stages=", "tracking.parent_run_id=", "tracking.tags")
+    drop = ("output_dir=", "stages=", "stage_overrides", "tracking.parent_run_id=", "tracking.tags")
     kept = [o for o in overrides if not o.lstrip("+~").startswith(drop)]
     if handed_off:
         kept = [o for o in kept if not o.lstrip("+~").startswith(("model=", "model."))]
@@ -112,7 +112,7 @@ def estimate_recipe(cfg, overrides: list[str], recipe_dir: Path, recipe: str) ->
     for i, st in enumerate(cfg.stages):
         d = recipe_dir / "estimate" / f"{i}-{st.name}"
         args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, False), *KIND_OVERRIDES[st.kind],
-                *st.overrides, "stages=[]", f"output_dir={d}", "budget.estimate_only=true", "budget.cap_usd=null"]
+                *st.overrides, *cfg.stage_overrides.get(st.name, []), "stages=[]", f"output_dir={d}", "budget.estimate_only=true", "budget.cap_usd=null"]
         print(f"recipe {recipe}: pricing stage {i + 1}/{len(cfg.stages)} {st.name} ({st.kind})", file=sys.stderr)
         rc = _run_stage([sys.executable, "-m", "runner", *args])
         if rc != 0:
@@ -127,8 +127,58 @@ def estimate_recipe(cfg, overrides: list[str], recipe_dir: Path, recipe: str) ->
     return 0
 
 
-def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
-    """Run (or resume) the recipe's stages in order; returns the process's exit code."""
+def stage_key(previous: str, args: list[str]) -> str:
+    """A stage's identity in a sweep: what it runs with (the same args, the tags and parent
+    aside) and the identity of the stage before it, so jobs that differ only in a later
+    stage (the RL stage's seed) share every stage before it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([previous, args]).encode()).hexdigest()[:12]
+
+
+def _wait_for(stage_dir: Path) -> None:
+    """Another job of the sweep may be running this very stage: wait until its lock is free
+    (then the stage ends at once as finished, or resumes if that job died)."""
+    import fcntl
+    import time
+
+    lock = stage_dir / ".runner.lock"
+    if not lock.exists():
+        return
+    said = False
+    while True:
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if not said:
+                    print(f"recipe: stage {stage_dir.name} is being run by another job of this sweep; waiting",
+                          file=sys.stderr)
+                    said = True
+        time.sleep(2.0)
+
+
+def _note_stage_run(uri: str, parent: Optional[str], stage_runs: list[str]) -> None:
+    """The parent's list of its stages' runs: a stage shared in a sweep is another parent's child."""
+    import json
+
+    if parent:
+        try:
+            from runner.track.connect import connect
+
+            connect(uri).set_tag(parent, "runner.stage_runs", json.dumps(stage_runs))
+        except Exception as e:
+            log.warning("could not tag the recipe's parent run with its stages (%s)", e)
+
+
+def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optional[Path] = None) -> int:
+    """Run (or resume) the recipe's stages in order; returns the process's exit code.
+    `shared_root` (a sweep's `<sweep dir>/stages`): stages live there under their content
+    key (`<i>-<name>-<key>`), so the sweep's jobs share the stages they have in common;
+    otherwise under the recipe's own dir as `<i>-<name>`, where a changed stage is refused."""
     from runner.track.store import resolve_uri
 
     recipe_dir.mkdir(parents=True, exist_ok=True)
@@ -147,13 +197,16 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
         raise ConfigError(f"{state_path}: this recipe logs to {state['tracking_uri']}, this command to {uri}; pass "
                           f"tracking.uri={state['tracking_uri']}, or use another output_dir")
     parent = state["parent_run_id"]
-    spent, previous = 0.0, None
+    spent, previous, key, stage_runs = 0.0, None, "", []
     for i, st in enumerate(cfg.stages):
-        stage_dir = recipe_dir / f"{i}-{st.name}"
         args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, previous is not None),
-                *KIND_OVERRIDES[st.kind], *st.overrides]
+                *KIND_OVERRIDES[st.kind], *st.overrides, *cfg.stage_overrides.get(st.name, [])]
         if previous is not None:
             args += ["model=pretrained", f"model.path={previous}"]
+        key = stage_key(key, [a for a in args if not a.startswith("budget.")])
+        stage_dir = shared_root / f"{i}-{st.name}-{key}" if shared_root else recipe_dir / f"{i}-{st.name}"
+        if shared_root:
+            _wait_for(stage_dir)
         if cfg.budget.cap_usd is not None:
             left = cfg.budget.cap_usd - spent
             if left <= 0:
@@ -182,6 +235,8 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path) -> int:
         if run is not None:
             spent += float(run.data.tags.get("total_usd", 0.0))
             _log_sample_count(client, run, cfg.card.metric)
+            stage_runs.append(run.info.run_id)
+            _note_stage_run(uri, parent, stage_runs)
         exported = stage_dir / "hf_model"
         previous = exported if exported.is_dir() else previous
     _write_card(parent, uri, recipe_dir)

@@ -129,3 +129,22 @@ def test_estimate_only_prices_every_stage_and_the_total(tmp_path):
     total = float(re.search(r"total .* \$([0-9.]+) -> fits the \$5 cap", lines[-1]).group(1))
     assert abs(total - sum(per)) < 1e-3 and any(l.strip().startswith("sft") for l in lines)
     assert not (out / "0-base").exists() and not (tmp_path / "mlruns.db").exists()  # nothing trained or logged
+
+
+def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path):
+    conf = recipe(tmp_path, "shared", f"  - {{name: base, kind: eval}}\n  - {{name: sft, kind: sft, overrides: {SFT}}}\n"
+                                      f"  - {{name: rl, kind: rl, overrides: [train.steps=2, algo.group_size=6]}}")
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "runner", "-m", "--config-dir", str(conf), "recipe=shared", *COMMON,
+                        "+stage_overrides.rl=choice(['seed=1'],['seed=2'])", f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = sorted(p.name.rsplit("-", 1)[0] for p in (sweep / "stages").iterdir())
+    assert stages == ["0-base", "1-sft", "2-rl", "2-rl"]  # base and SFT once, RL per seed
+    c, all_runs = runs(tmp_path)
+    rl = [x for x in all_runs if x.data.tags.get("runner.stage") == "rl"]
+    assert sorted(x.data.params["seed"] for x in rl) == ["1", "2"]
+    assert len([x for x in all_runs if x.data.tags.get("runner.stage") == "sft"]) == 1
+    for job in ("0", "1"):  # each job's card has all three stages, the shared ones included
+        card = (sweep / job / "recipe_card.md").read_text()
+        assert all(f"| {i} | {s} |" in card for i, s in enumerate(("base", "sft", "rl"))), card

@@ -368,6 +368,26 @@ def stage_of(run, metric_name: str) -> StageResult:
         index=int(index) if index is not None else 10 ** 6, run_id=run.info.run_id)
 
 
+def _shared_stages(client, tags: dict, seen: set[str]) -> list:
+    """Stages a recipe in a sweep reused from another job of the sweep (runner/recipe.py): they
+    are another parent's children, named in this parent's `runner.stage_runs` tag (a JSON list
+    of run ids)."""
+    import json
+
+    try:
+        ids = json.loads(tags.get("runner.stage_runs", "[]"))
+    except ValueError:
+        return []
+    out = []
+    for run_id in ids if isinstance(ids, list) else []:
+        if run_id not in seen:
+            try:
+                out.append(client.get_run(run_id))
+            except Exception:  # a run deleted since: the card shows the stages it can read
+                continue
+    return out
+
+
 def from_mlflow(parent_run_id: str, uri: str, machine: Optional[str] = None) -> Card:
     """The card of a recipe's parent run; CardError when the store does not hold one."""
     from mlflow.exceptions import MlflowException
@@ -384,6 +404,7 @@ def from_mlflow(parent_run_id: str, uri: str, machine: Optional[str] = None) -> 
         raise CardError(f"parent run {parent_run_id} has no runner.card_metric tag")
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    children += _shared_stages(client, tags, {r.info.run_id for r in children})
     stages = sorted((stage_of(r, metric_name) for r in children if r.data.tags.get("runner.stage")),
                     key=lambda s: (s.index, s.name))
     if not stages:
