@@ -361,7 +361,9 @@ class StageConfig:
     recipe's config plus these overrides, starting from the previous stage's exported model."""
 
     name: str = "stage"
-    kind: str = "rl"  # eval (train.steps=0: evaluate the model as it is) | sft | rl
+    # eval (train.steps=0: the model evaluated as it is) | generate (python -m runner.generate:
+    # a dataset file the next sft stage trains on) | sft | rl
+    kind: str = "rl"
     overrides: list[str] = field(default_factory=list)
 
 
@@ -745,7 +747,7 @@ def _check_ranges(c: RunConfig) -> None:
         _check(isinstance(extra, list) and all(isinstance(x, str) and "=" in x for x in extra),
                f"stage_overrides.{name}", extra, "must be a list of overrides, e.g. [seed=1]")
     for i, st in enumerate(c.stages):
-        _one_of(f"stages[{i}].kind", st.kind, ("eval", "sft", "rl"))
+        _one_of(f"stages[{i}].kind", st.kind, ("eval", "generate", "sft", "rl"))
         _check(bool(re.fullmatch(r"[A-Za-z0-9_\-]+", st.name)) and names.count(st.name) == 1, f"stages[{i}].name",
                st.name, "must be a unique name of letters, digits, _ and - (it names the stage's output dir)")
     f = c.sft

@@ -35,7 +35,8 @@ log = logging.getLogger("runner")
 STATE_FILE = "recipe_state.json"
 REMEDY = "restore it, or use another output_dir (the stages' own dirs keep their runs)"
 # what a stage of each kind adds to its overrides, so its kind and its job agree
-KIND_OVERRIDES = {"eval": ["train.steps=0"], "sft": ["algo=sft"], "rl": []}
+KIND_OVERRIDES = {"eval": ["train.steps=0"], "generate": [], "sft": ["algo=sft"], "rl": []}
+DATA_FILE = "data.jsonl"  # what a generate stage writes in its dir, and the next sft stage reads
 
 
 def _state_shape(data) -> Optional[str]:
@@ -65,13 +66,18 @@ def _base_overrides(overrides: list[str], handed_off: bool) -> list[str]:
     return kept
 
 
-def _child(uri: str, stage_dir: Path):
-    """The stage's MLflow run, by its output dir's record (None if it has none)."""
+def _child(uri: str, stage_dir: Path, generated: bool = False):
+    """The stage's MLflow run, by its output dir's record (a generate stage's: by its data's
+    provenance); None if it has none."""
     from mlflow.tracking import MlflowClient
 
     from runner import outdir
 
-    run_id = outdir.read_record(stage_dir).get("run_id") if stage_dir.exists() else None
+    if generated:
+        prov = read_json(stage_dir / f"{DATA_FILE}.provenance.json", REMEDY, lambda x: None) or {}
+        run_id = (prov.get("mlflow") or {}).get("run_id")
+    else:
+        run_id = outdir.read_record(stage_dir).get("run_id") if stage_dir.exists() else None
     if not run_id:
         return None, None
     c = MlflowClient(uri)
@@ -110,6 +116,9 @@ def estimate_recipe(cfg, overrides: list[str], recipe_dir: Path, recipe: str) ->
     and a stage's weights do not change its cost."""
     total_usd, total_s, rows = 0.0, 0.0, []
     for i, st in enumerate(cfg.stages):
+        if st.kind == "generate":  # its cost is its sampling, which only running it measures
+            rows.append(f"  {st.name:<16} {st.kind:<8} not priced (run it: demonstrations take seconds)")
+            continue
         d = recipe_dir / "estimate" / f"{i}-{st.name}"
         args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, False), *KIND_OVERRIDES[st.kind],
                 *st.overrides, *cfg.stage_overrides.get(st.name, []), "stages=[]", f"output_dir={d}", "budget.estimate_only=true", "budget.cap_usd=null"]
@@ -197,12 +206,14 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
         raise ConfigError(f"{state_path}: this recipe logs to {state['tracking_uri']}, this command to {uri}; pass "
                           f"tracking.uri={state['tracking_uri']}, or use another output_dir")
     parent = state["parent_run_id"]
-    spent, previous, key, stage_runs = 0.0, None, "", []
+    spent, previous, key, stage_runs, data = 0.0, None, "", [], None
     for i, st in enumerate(cfg.stages):
         args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, previous is not None),
                 *KIND_OVERRIDES[st.kind], *st.overrides, *cfg.stage_overrides.get(st.name, [])]
         if previous is not None:
             args += ["model=pretrained", f"model.path={previous}"]
+        if st.kind == "sft" and data is not None and not any(a.startswith("sft.data=") for a in args):
+            args.append(f"sft.data={data}")  # the file the generate stage before it wrote
         key = stage_key(key, [a for a in args if not a.startswith("budget.")])
         stage_dir = shared_root / f"{i}-{st.name}-{key}" if shared_root else recipe_dir / f"{i}-{st.name}"
         if shared_root:
@@ -216,14 +227,19 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
                 return 0
             args.append(f"budget.cap_usd={left:.6g}")
         tags = {"runner.stage": st.name, "runner.stage_index": str(i), "runner.stage_kind": st.kind}
-        command = "python -m runner " + " ".join(shlex.quote(a) for a in args)
+        command = f"python -m {'runner.generate' if st.kind == 'generate' else 'runner'} " + " ".join(
+            shlex.quote(a) for a in args)
         tags["command"] = command
+        module = "runner.generate" if st.kind == "generate" else "runner"
+        if st.kind == "generate":
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            args.append(f"generate.out={stage_dir / DATA_FILE}")
         args += ["stages=[]", f"output_dir={stage_dir}", f"tracking.uri={uri}",
                  f"++tracking.tags={{{', '.join(f'{k}: {_yaml(v)}' for k, v in tags.items())}}}"]
         if parent:
             args.append(f"tracking.parent_run_id={parent}")
         print(f"recipe {recipe}: stage {i + 1}/{len(cfg.stages)} {st.name} ({st.kind}) in {stage_dir}", file=sys.stderr)
-        rc = _run_stage([sys.executable, "-m", "runner", *args])
+        rc = _run_stage([sys.executable, "-m", module, *args])
         state["stages"][st.name] = {"dir": str(stage_dir), "returncode": rc}
         write_json_atomic(state_path, state)
         if rc != 0:
@@ -231,7 +247,9 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
                   f"are not run again)", file=sys.stderr)
             _end_parent(uri, parent, "KILLED" if rc == 130 else "FAILED")
             return rc
-        client, run = _child(uri, stage_dir)
+        if st.kind == "generate":
+            data = stage_dir / DATA_FILE
+        client, run = _child(uri, stage_dir, generated=st.kind == "generate")
         if run is not None:
             spent += float(run.data.tags.get("total_usd", 0.0))
             _log_sample_count(client, run, cfg.card.metric)

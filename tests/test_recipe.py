@@ -148,3 +148,25 @@ def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path):
     for job in ("0", "1"):  # each job's card has all three stages, the shared ones included
         card = (sweep / job / "recipe_card.md").read_text()
         assert all(f"| {i} | {s} |" in card for i, s in enumerate(("base", "sft", "rl"))), card
+
+
+def test_generate_then_sft_then_rl_and_the_same_command_again(tmp_path):
+    conf = recipe(tmp_path, "gen", "  - {name: data, kind: generate, overrides: [generate.source=demonstrations, "
+                                   "generate.n=64, 'env.demo_weights={4: 0.5, 2: 0.25, 6: 0.25}']}\n"
+                                   "  - {name: sft, kind: sft, overrides: [train.steps=3, sft.batch_size=8, "
+                                   "sft.eval_size=8, algo.lr=1e-3]}\n"
+                                   "  - {name: rl, kind: rl, overrides: [train.steps=2, algo.group_size=6]}")
+    out = tmp_path / "out"
+    r = subprocess.run(command(conf, "gen", out), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c, all_runs = runs(tmp_path)
+    (parent,) = [x for x in all_runs if x.data.tags.get("runner.recipe") == "gen"]
+    kids = stage_runs(c, all_runs, parent.info.run_id)
+    assert set(kids) == {"data", "sft", "rl"} and kids["data"].data.tags["runner.stage_kind"] == "generate"
+    assert kids["sft"].data.params["sft.data"] == str(out / "0-data" / "data.jsonl")
+    assert kids["sft"].data.tags["sft.examples"] == "64"
+    r = subprocess.run(command(conf, "gen", out), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already generated" in r.stdout + r.stderr and r.stderr.count("already finished") == 2
+    c, again = runs(tmp_path)
+    assert len(again) == len(all_runs)  # nothing ran twice
