@@ -2,6 +2,7 @@
 
     python -m runner.bench                       # ours, ours_bf16, trl: default model, G=6, 24 new tokens, 6 steps x 3 repeats
     python -m runner.bench --model tiny --steps 4 --repeats 1
+    python -m runner.bench --sft                 # SFT: our algo=sft step vs TRL's SFTTrainer (runner/bench_sft.py)
     make bench
 
 Each side runs in its own process (so peak RSS is that side's alone), the sides
@@ -419,7 +420,14 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--sft" in args:  # the supervised step against TRL's SFTTrainer (runner/bench_sft.py)
+        from runner import bench_sft
+
+        return bench_sft.main([x for x in args if x != "--sft"])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft", action="store_true",
+                   help="SFT instead: our algo=sft step against TRL's SFTTrainer (python -m runner.bench --sft --help)")
     p.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
     p.add_argument("--group", type=int, default=6)
@@ -441,7 +449,7 @@ def main(argv=None) -> int:
                    help="OpenMP wait policy of the sides: auto (runner/host.py decides at start), spin, passive, "
                         "or a number: GOMP_SPINCOUNT, spins before a waiting thread sleeps")
     p.add_argument("--sides", default="ours,ours_bf16,trl", help=f"comma list of {', '.join(SIDES)}")
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     if a.side:
         child(a)
         return 0

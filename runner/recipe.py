@@ -183,6 +183,28 @@ def _note_stage_run(uri: str, parent: Optional[str], stage_runs: list[str]) -> N
             log.warning("could not tag the recipe's parent run with its stages (%s)", e)
 
 
+def check_stages(cfg, overrides: list[str]) -> None:
+    """Every stage's config composed and validated before the first stage runs: a bad override
+    in the last stage is refused now, in one line naming the stage, not after an hour of the
+    others. (Files a stage will read, like the previous stage's export, are its own preflight's.)"""
+    from hydra import compose
+
+    from runner.config import validate
+
+    for i, st in enumerate(cfg.stages):
+        if st.kind == "generate":  # its own keys are runner.generate's, checked when it starts
+            continue
+        args = [*_base_overrides(overrides, False), *KIND_OVERRIDES[st.kind], *st.overrides,
+                *cfg.stage_overrides.get(st.name, []), "stages=[]"]
+        try:
+            validate(compose(config_name="config", overrides=args))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({st.name}): {e}") from None
+        except Exception as e:  # Hydra's own: an override of a key or group that does not exist
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"stages[{i}] ({st.name}): {why}") from None
+
+
 def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optional[Path] = None) -> int:
     """Run (or resume) the recipe's stages in order; returns the process's exit code.
     `shared_root` (a sweep's `<sweep dir>/stages`): stages live there under their content
@@ -190,6 +212,7 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
     otherwise under the recipe's own dir as `<i>-<name>`, where a changed stage is refused."""
     from runner.track.store import resolve_uri
 
+    check_stages(cfg, overrides)
     recipe_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(cfg.tracking.uri)
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "staged")

@@ -113,6 +113,17 @@ def test_a_bad_stage_is_refused_before_anything_runs(tmp_path):
     r = subprocess.run(command(conf, "bad", tmp_path / "out"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "stages[0].kind" in r.stderr.strip().splitlines()[0]
     assert not (tmp_path / "out" / "0-base").exists()
+    # a bad override in the last stage: refused before the first stage runs
+    conf = recipe(tmp_path, "late", "  - {name: base, kind: eval}\n  - {name: rl, kind: rl, overrides: [algo.lr=-1]}")
+    r = subprocess.run(command(conf, "late", tmp_path / "out2"), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    first = r.stderr.strip().splitlines()[0]
+    assert r.returncode == 2 and "stages[1] (rl): algo.lr=-1" in first, r.stderr[-2000:]
+    conf = recipe(tmp_path, "typo", "  - {name: base, kind: eval, overrides: [train.stepz=3]}")
+    r = subprocess.run(command(conf, "typo", tmp_path / "out3"), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "stages[0] (base)" in r.stderr.strip().splitlines()[0], r.stderr[-2000:]
+    assert not (tmp_path / "out2" / "0-base").exists() and not (tmp_path / "out3" / "0-base").exists()
 
 
 def test_estimate_only_prices_every_stage_and_the_total(tmp_path):
