@@ -614,6 +614,16 @@ def test_padding_free_passes_give_way_to_length_buckets_over_the_token_limit(tin
     assert forward.padding_free_tokens(model, b, limit=n) == n and forward.padding_free_tokens(model, b, limit=n - 1) is None
     monkeypatch.setattr(forward, "PADDING_FREE_MAX_TOKENS", n - 1)
     assert forward.padding_free_tokens(model, b) is None
+    # rows that share no prompt (SFT examples) have a lower limit: the stream saves no prompt forward
+    from runner.rollout.hf import select
+
+    monkeypatch.setattr(forward, "PADDING_FREE_MAX_TOKENS", 10 ** 6)
+    inverse = forward._unique_prompts(b)[2].tolist()
+    distinct = select(b, [inverse.index(0), inverse.index(1)])
+    d = forward.padding_free_tokens(model, distinct)
+    assert d is not None and forward.padding_free_tokens(model, b) is not None
+    monkeypatch.setattr(forward, "PADDING_FREE_DISTINCT_MAX_TOKENS", d - 1)
+    assert forward.padding_free_tokens(model, distinct) is None and forward.padding_free_tokens(model, b) == n
     monkeypatch.setattr(model.config, "_attn_implementation", "eager")
     assert not forward.padding_free_supported(model)
 
