@@ -179,3 +179,24 @@ def test_sft_on_the_environments_own_demonstrations(tmp_path, env):
     run, metrics = only_run(tmp_path)
     assert run.data.tags["sft.data"].startswith("48 demonstrations of env") and run.data.tags["sft.examples"] == "48"
     assert metrics["sft/tokens"] > 0 and "eval/sft_loss" in metrics
+
+
+@pytest.mark.parametrize("trainer", [["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]"],
+                                     ["trainer=deepspeed", "trainer.num_procs=2", "trainer.zero_stage=2",
+                                      "train.prompts_per_step=2"]])
+def test_sft_runs_on_lora_and_deepspeed_and_resumes(tmp_path, trainer):
+    """The supervised step on the RL job's other paths: LoRA adapters (exported merged) and two
+    DeepSpeed ranks (each its share of the examples), checkpointed and resumed."""
+    data = dice_file(tmp_path / "d.jsonl", n=40)
+    out = tmp_path / "out"
+    args = [*FAST, *trainer, f"sft.data={data}", "train.eval_every=0", "train.checkpoint_every=2", f"output_dir={out}"]
+    r = run_cli([*args, "train.steps=2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*args, "train.steps=4"], cwd=tmp_path)  # resumes at 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    run, metrics = only_run(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "sft/loss")) == [1, 2, 3, 4]
+    assert run.info.status == "FINISHED" and (out / "hf_model" / "config.json").exists()

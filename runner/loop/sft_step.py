@@ -175,6 +175,10 @@ class SFTData:
         self.cfg = cfg
         self.examples, self.source = load_examples(cfg, env)
         f = cfg.sft
+        world = cfg.trainer.num_procs if cfg.trainer.name == "deepspeed" else 1
+        if f.batch_size % world:
+            raise ConfigError(f"sft.batch_size={f.batch_size}: must split evenly over trainer.num_procs={world} "
+                              f"ranks (each trains on its share of a step's examples)")
         if len(self.examples) <= f.eval_size:
             raise ConfigError(f"sft.eval_size={f.eval_size}: {self.source} holds {len(self.examples)} examples and "
                               f"at least one must be left to train on; hold out fewer or give more data")
@@ -225,11 +229,13 @@ class SFTData:
 
 
 def step(t) -> dict[str, float]:
-    """One supervised step of trainer `t`: its examples, advantage 1, the learner's update."""
+    """One supervised step of trainer `t`: its examples (this rank's share of them under
+    DeepSpeed: the learner normalises by whole-batch counts over the ranks), advantage 1,
+    the learner's update."""
     data: SFTData = t.sft
-    batch = data.batch(data.rows_for(t.step), t.device)
+    batch = data.batch(t.backend.my_prompts(data.rows_for(t.step)), t.device)
     m = t.update(batch, torch.ones(len(batch), device=t.device), [])
-    tokens = float(batch.completion_mask.sum().item())
+    tokens = t.backend.all_sum([float(batch.completion_mask.sum().item())])[0]
     return {**m, "sft/loss": m["train/loss"], "sft/tokens": tokens, "sft/epoch": data.epoch(t.step),
             "sft/truncated_total": float(data.truncated)}
 
@@ -244,7 +250,7 @@ def heldout_loss(t) -> dict[str, float]:
         return {}
     total, count = 0.0, 0.0
     b = max(1, data.cfg.sft.batch_size)
-    model = t.backend.compute_model
+    model = t.eval_model  # what evaluations read (under ZeRO-3: the gathered copy; rank 0 alone runs this)
     was_training = model.training
     model.eval()  # no dropout (LoRA's) in a measurement
     try:
