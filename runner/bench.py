@@ -408,15 +408,20 @@ def print_limits(a, runs: list[dict], meta: dict, side: str) -> None:
               f"{got / max(lim, lim_c):.1f}x the larger of the two")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """--shapes 6x2,48x1 -> [(6, 2), (48, 1)]: group size x prompts, each >= 1."""
+def parse_pairs(text: str, form: str = "GxP", example: str = "6x2,48x1") -> list[tuple[int, int]]:
+    """"6x2,48x1" -> [(6, 2), (48, 1)], each >= 1; `form` and `example` word the error."""
     try:
         shapes = [tuple(int(x) for x in part.split("x")) for part in text.split(",")]
     except ValueError:
         shapes = []
     if not shapes or any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be GxP[,GxP...] with integers >= 1, e.g. 6x2,48x1")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {form}[,{form}...] with integers >= 1, e.g. {example}")
     return shapes
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes 6x2,48x1: group size x prompts."""
+    return parse_pairs(text)
 
 
 def main(argv=None) -> int:

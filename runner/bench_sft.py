@@ -491,14 +491,10 @@ def bench_shape(a, sides: list[str]) -> None:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """--shapes 8x128,16x256 -> [(8, 128), (16, 256)]: batch x sequence length, each >= 1."""
-    try:
-        shapes = [tuple(int(x) for x in part.split("x")) for part in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be BxL[,BxL...] with integers >= 1, e.g. 8x128,16x256")
-    return shapes
+    """--shapes 8x128,16x256: batch x sequence length (runner.bench's parser)."""
+    from runner.bench import parse_pairs
+
+    return parse_pairs(text, "BxL", "8x128,16x256")
 
 
 def trl_available() -> bool:

@@ -48,8 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import secrets
 import shlex
 import subprocess
 import sys
@@ -477,27 +475,6 @@ def make_rows(cfg, env, gen: GenerateConfig, where: Path) -> Outcome:
 
 # -- writing -----------------------------------------------------------------------------
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, fsync, rename into place, fsync the directory: a reader never sees
-    half a file, and an existing one is replaced whole (as runner.state_files writes JSON)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def git_commit() -> Optional[str]:
     """The runner checkout's commit (None outside a git checkout)."""
     try:
@@ -583,7 +560,7 @@ def generate(cfg, gen: GenerateConfig, command: Optional[str] = None) -> dict[st
     raise ConfigError before any model loads; NothingKept where every row was dropped."""
     from runner.digests import file_sha256
     from runner.plugins import build_env
-    from runner.state_files import write_json_atomic
+    from runner.state_files import write_json_atomic, write_text_durable
 
     check_generate(gen)
     out = out_path(gen)
@@ -604,7 +581,7 @@ def generate(cfg, gen: GenerateConfig, command: Optional[str] = None) -> dict[st
             raise NothingKept(f"generate: no row kept (of {outcome.sampled}: {outcome.selection.dropped_reward} "
                               f"dropped by reward, {outcome.selection.dropped_duplicate} as duplicates); lower "
                               f"generate.min_reward or sample more (generate.prompts, generate.k)")
-        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.rows))
+        write_text_durable(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.rows))
         prov = provenance(wanted, out, outcome, file_sha256(out), command or default_command(), tracker)
         write_json_atomic(prov_path, prov)
         problem = log_outcome(tracker, out, prov_path, prov, outcome.rows)

@@ -44,6 +44,11 @@ def read_json(path: Path, remedy: str, shape: Callable[[Any], Optional[str]]) ->
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as JSON, written as `write_text_durable` writes."""
+    write_text_durable(path, json.dumps(data, indent=2))
+
+
+def write_text_durable(path: Path, text: str) -> None:
     """Write beside `path`, fsync, rename into place, fsync the directory: a crash or a full
     disk leaves the old file whole (never a truncated one that a reader would refuse). The
     temporary's name is unique to this process and call (O_EXCL), so two writers never
@@ -51,8 +56,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
