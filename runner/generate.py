@@ -377,21 +377,12 @@ class _Texts:
     episodes: Optional[list] = None
 
 
-def play_through(env, prompt, turns: Sequence[str]):
-    """(the environment's replies between the turns, the finished game): the turns replayed
-    through new_game/play, as the SFT stage replays a demonstration's."""
-    game, replies = env.new_game(prompt), []
-    for turn in turns[:-1]:
-        reply = env.play(game, turn)
-        replies.append(reply if reply is not None else "")
-    env.play(game, turns[-1])
-    return tuple(replies), game
-
-
 def score(collector, env, cands: list[Candidate]) -> None:
     """Each candidate's reward (and a game's replies), in place: score_game on the replayed
     game, else the env's score_batch or score (runner.loop.collector: timeouts, reward errors)."""
     if hasattr(env, "new_game"):
+        from runner.loop.sft_step import play_through  # the SFT stage's own replay
+
         for c in cands:
             c.replies, game = play_through(env, c.prompt, c.turns)
             c.reward = float(collector.score(c.prompt, "".join(c.turns), c.finished, episode=game).reward)

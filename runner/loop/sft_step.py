@@ -54,6 +54,18 @@ class Encoded:
 
 # -- where examples come from ----------------------------------------------------------------
 
+def play_through(env, prompt: Prompt, turns) -> tuple[tuple[str, ...], Any]:
+    """(the environment's replies between the turns, the finished game): a game's turns
+    replayed through new_game/play, so its replies are exactly the ones RL rollouts see
+    (a demonstration's here, a sampled game's in runner.generate)."""
+    game, replies = env.new_game(prompt), []
+    for turn in turns[:-1]:
+        reply = env.play(game, turn)
+        replies.append(reply if reply is not None else "")
+    env.play(game, turns[-1])
+    return tuple(replies), game
+
+
 def from_demonstrations(env, demos: list[Demonstration]) -> list[Example]:
     """The environment's own examples; a game's replies are made by replaying its turns."""
     out = []
@@ -61,12 +73,8 @@ def from_demonstrations(env, demos: list[Demonstration]) -> list[Example]:
         if d.turns is None:
             out.append(Example(d.prompt, (d.completion or "",)))
             continue
-        game, replies = env.new_game(d.prompt), []
-        for turn in d.turns[:-1]:
-            reply = env.play(game, turn)
-            replies.append(reply if reply is not None else "")
-        env.play(game, d.turns[-1])
-        out.append(Example(d.prompt, tuple(d.turns), tuple(replies)))
+        replies, _ = play_through(env, d.prompt, d.turns)
+        out.append(Example(d.prompt, tuple(d.turns), replies))
     return out
 
 
