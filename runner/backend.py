@@ -120,9 +120,13 @@ class TorchBackend:
         return rollout_copy(model, dtype_name, device)
 
     def sync_rollout(self, rollout_model, model) -> None:
-        sync_rollout_weights(self.compute_model, model)
+        self.sync_compute(model)
         if rollout_model is not self.compute_model:
             sync_rollout_weights(rollout_model, model)
+
+    def sync_compute(self, model) -> None:
+        """The bf16 compute copy (trainer.precision=bf16) brought up to the master weights."""
+        sync_rollout_weights(self.compute_model, model)
 
     def gathered(self, model):
         """Whole parameters inside the block (ZeRO-3 gathers them; elsewhere they are whole)."""

@@ -49,7 +49,7 @@ OURS = {
     "ours_bf16": {"trainer.precision": "bf16"},
     # bf16 autocast over fp32 weights: what TRL's bf16=True does
     "ours_autocast": {"trainer.autocast": "bf16"},
-    # no bf16 rollout copy to keep in sync after each optimizer step (rollout.dtype=float32)
+    # no bf16 rollout copy at all (rollout.dtype=float32): what the copy costs in memory
     "ours_fp32_rollout": {"rollout.dtype": "float32"},
     # the shared-prefix passes padded (trainer.padding_free=false)
     "ours_padded": {"trainer.padding_free": "false"},
@@ -172,7 +172,7 @@ def run_ours(a, knobs: dict) -> dict:
     steps = []
     for _ in range(a.steps):
         t.step += 1
-        encs = [t.sft.encoded[i] for i in t.sft.rows_for(t.step)]
+        encs = [t.kind.data.encoded[i] for i in t.kind.data.rows_for(t.step)]
         t0 = time.perf_counter()
         m = t.train_step()
         wall = time.perf_counter() - t0
@@ -180,10 +180,10 @@ def run_ours(a, knobs: dict) -> dict:
                       "optimizer": m["time/optimizer_s"], "step": wall, "loss": m["sft/loss"],
                       "completion_tokens": m["sft/tokens"],
                       "total_tokens": float(sum(len(e.prompt_ids) + len(e.comp) for e in encs))})
-    batch = t.sft.batch(t.sft.rows_for(1), t.device)
+    batch = t.kind.data.batch(t.kind.data.rows_for(1), t.device)
     tr = cfg.trainer
     flat = padding_free_tokens(t.backend.compute_model, batch)
-    prompts = len({tuple(e.prompt_ids) for e in (t.sft.encoded[i] for i in t.sft.rows_for(1))})
+    prompts = len({tuple(e.prompt_ids) for e in (t.kind.data.encoded[i] for i in t.kind.data.rows_for(1))})
     if not tr.shared_prefix:
         path = "one full forward per example (trainer.shared_prefix=false)"
     elif tr.padding_free and flat is not None:
@@ -193,7 +193,7 @@ def run_ours(a, knobs: dict) -> dict:
                f"the flat stream is over {PADDING_FREE_MAX_TOKENS} tokens")
         path = f"shared-prefix, padded: a prompt pass, then a completion pass on its KV cache ({why})"
     rollout = ("none (the policy itself)" if t.rollout_model is t.model else
-               f"{next(t.rollout_model.parameters()).dtype} copy, synced after every optimizer step (in optimizer_s)")
+               f"{next(t.rollout_model.parameters()).dtype} copy, refreshed before evaluations only (none run here)")
     al = cfg.algo
     command = " ".join(x for x in args if not x.startswith("output_dir"))
     ran = (f"runner Trainer in-process: python -m runner {command}; "

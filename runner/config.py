@@ -104,6 +104,9 @@ class AlgoConfig:
     # a batch of supervised examples (runner/loop/sft_step.py; the `sft` preset): the same
     # loss with clip_mode=nll and advantage 1, the same job around it
     kind: str = "rl"
+    # a user's step kind's own keys (read and checked by its check_config; the built-in kinds
+    # have none): e.g. algo.kind_options={beta:0.1}
+    kind_options: Optional[dict[str, Any]] = None
     group_size: int = 6
     lr: float = 5e-5
     # constant | linear | cosine (to 0 at train.steps), after warmup_steps of linear warm-up
@@ -602,10 +605,10 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("algo.scale_rewards", a.scale_rewards, SCALE_REWARDS)
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", a.adv_clip, "must be > 0 or null")
     _one_of("algo.ratio_level", a.ratio_level, ("token", "sequence"))
-    _one_of("algo.kind", a.kind, ("rl", "sft"))
     _one_of("algo.clip_mode", a.clip_mode, ("ppo", "cispo", "nll"))
-    _check(a.kind == "rl" or a.clip_mode == "nll", "algo.clip_mode", a.clip_mode,
-           "must be nll with algo.kind=sft (the supervised loss: -logp of the example's tokens)")
+    from runner.loop.step_kind import kind_class
+
+    kind_class(a.kind).check_config(c)  # the step kind's own rules (runner/loop/step_kind.py)
     _check(a.clip_low is None or 0 <= a.clip_low < 1, "algo.clip_low", a.clip_low,
            "must be in [0, 1), or null for no lower bound")
     _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")

@@ -1,7 +1,10 @@
-"""The training loop: the flow of one step from DESIGN.md, plus evaluation, checkpoints,
-tracking and a clean stop on Ctrl-C.
+"""The job around the steps: set-up, evaluation, checkpoints, tracking, the budget and a
+clean stop on Ctrl-C, the same for every step kind. What one step does is its kind's
+(runner/loop/step_kind.py): the RL step (runner/loop/rl_step.py),
 
     prompts -> rollouts -> scores -> shaped rewards -> advantages -> loss -> optimizer step
+
+or the supervised one (runner/loop/sft_step.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from runner.backend import STOP_CODES, make_backend, rollout_copy, rollout_dtype
 from runner.budget import CostMeter
 from runner.sweep_ledger import SweepLedger
 from runner.config import RunConfig
-from runner.loop import ending, run_state, sft_step
+from runner.loop import ending, run_state, step_kind
 from runner.loop.ending import CLEAN_EXIT_REASONS, FINISHED_REASONS  # noqa: F401  (the entry points' exit codes)
 from runner.loop.run_state import History
 from runner.loop.collector import Collector
@@ -32,11 +35,9 @@ from runner.loop.learner import Learner, NonFiniteError  # noqa: F401  (raised t
 from runner.loop.outputs import log_artifacts, summary
 from runner.loop.saver import Saver
 from runner.loop.stopping import StepAbandoned, StepStart, StopFlag
-from runner.loop.step_metrics import record, step_metrics
 from runner.models import load_policy
 from runner.plugins import build_env
 from runner.rollout.hf import RolloutBatch, make_rollout
-from runner.track import completions
 from runner.track.run_start import open_run
 from runner.track.store import Tracker
 
@@ -81,12 +82,13 @@ class Trainer:
         self.output_dir = output_dir
         self.meter = meter or CostMeter(cfg.budget.usd_per_device_hour, cfg.budget.devices)
         self.env = build_env(cfg.env, cfg.seed)
-        # algo.kind=sft: the examples, read and checked before the model loads (runner/loop/sft_step.py)
-        self.sft = sft_step.SFTData(cfg, self.env) if cfg.algo.kind == "sft" else None
-        if self.sft is not None:  # with the tokenizer alone: a too-long example is refused before the weights load
-            from runner.models import load_tokenizer
+        # what a step does (algo.kind); its data is read and checked before the model loads
+        self.kind = step_kind.make(cfg, self.env)
+        from runner.models import load_tokenizer
 
-            self.sft.tokenize(load_tokenizer(cfg.model))
+        self.kind.before_weights(lambda: load_tokenizer(cfg.model))
+        # the rollout copy lags the weights (a kind that samples only to evaluate refreshes it then)
+        self.rollout_stale = False
         # the sampler records log-probs at the loss's temperature: the same distribution the loss computes
         self.rollout = make_rollout(cfg.rollout, cfg.algo.loss_temperature) if cfg.rollout.name == "hf" else None
         self.sampler = self.rollout  # the HF sampling loop itself, whatever wraps it below
@@ -177,12 +179,27 @@ class Trainer:
         self.push_weights(force=True)
 
     def push_weights(self, force: bool = False) -> None:
-        """After an optimizer step: HF rollouts' low-precision copy, or vLLM's weights."""
+        """After an optimizer step: HF rollouts' low-precision copy, or vLLM's weights. A step
+        kind that samples only to evaluate, in one process, leaves the copy stale until an
+        evaluation needs it (refresh_rollout): the bf16 compute copy is still refreshed,
+        since the next step trains on it."""
+        if not (force or self.kind.samples_each_step) and self.cfg.trainer.name == "torch" \
+                and self.cfg.rollout.name == "hf":
+            self.backend.sync_compute(self.model)
+            self.rollout_stale = self.rollout_model is not self.backend.compute_model
+            return
         self.backend.sync_rollout(self.rollout_model, self.model)
+        self.rollout_stale = False
         if self.cfg.rollout.name == "vllm":
             tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
             with self.backend.gathered(self.model):
                 self.rollout.on_policy_updated(self.model.named_parameters(), tied, force=force)
+
+    def refresh_rollout(self) -> None:
+        """The rollout copy brought up to the weights, where push_weights left it stale."""
+        if self.rollout_stale:
+            self.backend.sync_rollout(self.rollout_model, self.model)
+            self.rollout_stale = False
 
     def autocast(self):
         """bf16 autocast for forward passes when trainer.autocast=bf16 (weights, optimizer
@@ -202,67 +219,28 @@ class Trainer:
             return
         self.tracker = open_run(self.cfg, self.output_dir, self.step, config_yaml, parent_run_id, extra_tags,
                                 invocation, self.fell_back)
-        if self.sft is not None:  # what the run trains on (a resume on other data shows as a changed digest)
-            self.tracker.set_tags({"sft.data": self.sft.source, "sft.examples": len(self.sft.examples),
-                                   "sft.data_sha256": self.sft.digest, "sft.truncated": self.sft.truncated})
+        tags = self.kind.tags()  # what the run trains on
+        if tags:
+            self.tracker.set_tags(tags)
+        self.kind.log_inputs(self.tracker)
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        """prompts -> rollouts -> scores -> shaped rewards (the collector), then advantages ->
-        loss -> optimizer step (the learner), then what the step's rollouts say."""
-        cfg, bk = self.cfg, self.backend
-        # the policy that samples this step's rollouts, before it does
-        probs = self.evaluator.policy_probabilities(self.eval_model, self.step) if bk.is_main else {}
+        """One step of the run's kind (runner/loop/rl_step.py, runner/loop/sft_step.py), with
+        the sampling policy's exact answer probabilities before it."""
+        probs = self.evaluator.policy_probabilities(self.eval_model, self.step) if self.backend.is_main else {}
         t0 = time.perf_counter()
-        if self.sft is not None:  # the supervised step kind: examples instead of rollouts
-            m = sft_step.step(self)
-            return {**m, **probs, "time/step_s": time.perf_counter() - t0, "time/train_s": time.perf_counter() - t0}
-        with self.autocast():
-            c = self.collector.collect(self.rollout, self.rollout_model, self.tok, self.step)
-        if cfg.rollout.name == "vllm":
-            self.rollout.sleep()  # free vLLM's GPU memory for the update
-        t_gen = time.perf_counter()
-        if bk.all_true(c.batch is None):  # dynamic sampling found no group with any signal anywhere
-            train_m = {"train/skipped": 1.0}
-        elif c.batch is None:
-            # other ranks have groups to learn from and every rank must take part in the
-            # update's collectives: this rank trains on its last round with zero advantage
-            batch, scores, _ = c.sampled[-1]
-            train_m = self.update(batch, torch.zeros(len(batch)).to(self.device), scores)
-        else:
-            adv = self.learner.advantages(c.shaped, c.batch)
-            self.log_completions(c, adv)
-            train_m = self.update(c.batch, adv.to(self.device), c.scores)
-        t_end = time.perf_counter()
-        out = step_metrics(bk.gather_objects(record(c, bk.rank, self.env)), cfg, self.env, self.evaluator,
-                           local_groups=bk.group_placement == "local")
-        self.generated_tokens += out.generated
-        if self.env.answer_space:
-            self.history.train.append((self.step, self.evaluator.answer_dist(out.keys)))
-        return {**out.metrics,
-                "time/step_s": t_end - t0, "time/generate_s": t_gen - t0, "time/train_s": t_end - t_gen,
-                "throughput/tokens_per_s": out.completion_tokens / (t_end - t0),
-                "tokens/generated_total": float(self.generated_tokens),
-                "errors/reward_total": bk.all_sum([self.collector.reward_errors])[0],
-                **probs, **train_m}
-
-    def log_completions(self, c, adv: torch.Tensor) -> None:
-        """Every tracking.samples_every steps: this step's rollouts into the completions table."""
-        every = self.cfg.tracking.samples_every
-        if not every or self.step % every or not self.backend.is_main or self.tracker is None:
-            return
-        path = completions.append(self.output_dir / completions.TABLE, self.step,
-                                  completions.rows(self.step, c.batch, c.scores, c.shaped, adv.tolist()))
-        self.tracker.log_artifact(path)
+        m = self.kind.step(self)
+        return {**m, **probs, "time/step_s": time.perf_counter() - t0}
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor, scores: list) -> dict[str, float]:
         """One update of the policy from a batch and its advantages (the learner's)."""
         return self.learner.update(batch, adv, scores, self.step)
 
     def evaluate(self, samples: Optional[int] = None) -> dict[str, float]:
+        self.refresh_rollout()
         m = self.evaluator.evaluate(self.eval_rollout, self.rollout_model, self.eval_model, self.step, samples)
-        if self.sft is not None:
-            m.update(sft_step.heldout_loss(self))
+        m.update(self.kind.eval_metrics(self))
         if self.evaluator.last and self.evaluator.last["dist"]:
             self.history.eval.append((self.step, self.evaluator.last["dist"]))
         return m
@@ -375,12 +353,7 @@ class Trainer:
                     m["cost/sweep_usd"] = self.ledger.charge(self.job_id, self.meter.usd)
                 self.tracker.log_metrics(m, self.step)
                 self.final_metrics.update(m)
-                if self.sft is not None:
-                    bar.set_postfix(loss=f"{m['sft/loss']:.3f}", epoch=f"{m['sft/epoch']:.2f}",
-                                    usd=f"{self.meter.usd:.3f}", refresh=False)
-                else:
-                    bar.set_postfix(reward=f"{m['reward/raw_mean']:.2f}", H=f"{m.get('answers/entropy', 0.0):.2f}",
-                                    valid=f"{m['answers/valid_rate']:.2f}", usd=f"{self.meter.usd:.3f}", refresh=False)
+                bar.set_postfix(**self.kind.progress(m), usd=f"{self.meter.usd:.3f}", refresh=False)
                 bar.update(1)
                 saved = self.step % cfg.train.checkpoint_every == 0
                 if saved:

@@ -17,6 +17,7 @@ import pytest
 from envs.base import Prompt
 from envs.dice import DiceEnv
 from runner import generate as g
+from runner import generate_rows as gr
 from runner.digests import file_sha256
 from runner.loop import sft_step
 
@@ -94,12 +95,12 @@ def test_demonstrations_read_back_as_the_envs_own_examples(tmp_path, store, tok,
 def test_a_first_turn_that_repeats_the_prefix_reads_back_unchanged():
     env = DiceEnv()
     for text in ("4</answer>", "<answer>4</answer>", ""):
-        c = g.Candidate(env.prompts(0, 1)[0], (text,), group=0)
+        c = gr.Candidate(env.prompts(0, 1)[0], (text,), group=0)
 
         class _Rows(list):
             column_names = ["prompt", "completion", "reward"]
 
-        (ex,) = sft_step.from_rows(_Rows([g.row_of(c, env)]), env.assistant_prefix, None, "mem")
+        (ex,) = sft_step.from_rows(_Rows([gr.row_of(c, env)]), env.assistant_prefix, None, "mem")
         assert ex.turns == (text,)
 
 
@@ -126,20 +127,20 @@ def test_rejection_keeps_rows_by_the_environments_own_score(tmp_path, store):
 def test_rejection_drops_duplicates(tmp_path, store):
     cold = ["rollout.temperature=0.05"]  # nearly greedy: many samples repeat
     raw = rejection(store, tmp_path / "raw.jsonl", *cold, min_reward=0.0, dedup=False)
-    distinct = {g.row_key(r) for r in rows(tmp_path / "raw.jsonl")}
+    distinct = {gr.row_key(r) for r in rows(tmp_path / "raw.jsonl")}
     deduped = rejection(store, tmp_path / "dedup.jsonl", *cold, min_reward=0.0)  # dedup: rejection's default
     assert raw["sampled"] == deduped["sampled"] == 32 and len(distinct) < 32
     assert deduped["rows"] == len(distinct) and deduped["dropped"]["duplicate"] == 32 - len(distinct)
-    assert len({g.row_key(r) for r in rows(tmp_path / "dedup.jsonl")}) == deduped["rows"]
+    assert len({gr.row_key(r) for r in rows(tmp_path / "dedup.jsonl")}) == deduped["rows"]
 
 
 def test_top_fraction_keeps_each_prompts_best_distinct_rows():
     p = Prompt((("user", "q"),))
-    cands = [g.Candidate(p, (t,), group, reward=r) for group, t, r in
+    cands = [gr.Candidate(p, (t,), group, reward=r) for group, t, r in
              [(0, "a", 0.1), (0, "b", 0.9), (0, "b", 0.9), (0, "c", 0.5), (1, "d", 0.0), (1, "e", 0.2), (1, "f", 0.7),
               (1, "g", 0.7)]]
-    rows_ = [g.row_of(c, DiceEnv(assistant_prefix="")) for c in cands]
-    sel = g.select(cands, rows_, g.GenerateConfig(source="rejection", k=4, top_fraction=0.5))
+    rows_ = [gr.row_of(c, DiceEnv(assistant_prefix="")) for c in cands]
+    sel = gr.select(cands, rows_, g.GenerateConfig(source="rejection", k=4, top_fraction=0.5))
     assert [cands[i].turns[0] for i in sel.kept] == ["b", "c", "f", "g"]  # the duplicate b counts once
     assert sel.dropped_duplicate == 1 and sel.dropped_reward == 3
 

@@ -241,8 +241,14 @@ def test_a_second_process_on_the_same_output_dir_is_refused(tmp_path):
     deadline = time.time() + 300
     while not (out / "run_state.json").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
+    # the first run is held still (SIGSTOP) while the second starts: the tiny run's steps take
+    # less time than the second command's imports, so a running one could be done by then
+    os.kill(p.pid, signal.SIGSTOP)
     t0 = time.time()
-    r = run_cli(args, cwd=tmp_path)
+    try:
+        r = run_cli(args, cwd=tmp_path)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
     assert r.returncode == 2 and p.poll() is None, "the first run must still hold the dir"
     first = r.stderr.strip().splitlines()[0]
     assert f"is in use by pid {p.pid}" in first, first

@@ -101,6 +101,12 @@ def test_sft_lowers_heldout_loss_and_exports_weights_that_reload(tmp_path):
     held = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "eval/sft_loss"), key=lambda m: m.step)]
     assert len(held) == 4 and held[-1] < held[0] - 0.5, held
     assert run.data.tags["sft.examples"] == "64" and len(run.data.tags["sft.data_sha256"]) == 64
+    # the file it trained on, as the run's dataset input (matched to a generate run by its SHA-256)
+    (inp,) = c.get_run(run.info.run_id).inputs.dataset_inputs
+    from runner.digests import file_sha256
+
+    assert inp.dataset.digest == file_sha256(data)[:32] and json.loads(inp.dataset.profile)["num_rows"] == 64
+    assert inp.dataset.source == json.dumps({"uri": data.resolve().as_uri()}) and inp.tags[0].value == "training"
     assert metrics["sft/epoch"] == pytest.approx(12 * 8 / 56)
     cfg = validate({"model": {"name": "tiny", "source": "tiny", "tokenizer_from": "smollm2_135m"}}).model
     tok = load_tokenizer(cfg)
@@ -122,6 +128,8 @@ def test_a_resumed_sft_run_trains_on_the_same_examples(tmp_path):
     assert run_cli([*args, "train.steps=3", f"output_dir={b / 'out'}"], cwd=b).returncode == 0
     r = run_cli([*args, "train.steps=6", f"output_dir={b / 'out'}"], cwd=b)  # raises the steps: resumes at 3
     assert r.returncode == 0, r.stderr[-2000:]
+    run, _ = only_run(b)
+    assert len(run.inputs.dataset_inputs) == 1  # the resume names the same file once
     wa = ckpt.read(a / "out" / "checkpoints" / "ckpt-00000006.pt")["model"]
     wb = ckpt.read(b / "out" / "checkpoints" / "ckpt-00000006.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

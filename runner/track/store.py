@@ -196,6 +196,12 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._add({"op": "text", "text": text, "file": artifact_file})
 
+    def log_input(self, path: str | Path, sha256: str, rows: int, context: str, schema=None) -> None:
+        """A data file as the run's dataset input (runner/track/inputs.py), e.g. what an SFT
+        run trains on; journaled like every record, so a run rebuilt by `sync` has it too."""
+        self._add({"op": "input", "path": str(Path(path).resolve()), "sha256": sha256, "rows": int(rows),
+                   "context": context, "schema": schema.to_json() if schema is not None else None})
+
     # -- sending ----------------------------------------------------------------------
     def pending(self) -> int:
         with self._lock:
@@ -245,11 +251,29 @@ class Tracker:
             self.client.log_artifact(self.run_id, op["path"], op["artifact_path"])
         elif kind == "text":
             self.client.log_text(self.run_id, op["text"], op["file"])
+        elif kind == "input":
+            self._send_input(op)
         elif kind == "status":
             if op.get("end"):
                 self.client.set_terminated(self.run_id, status=op["status"])
             else:
                 self.client.update_run(self.run_id, status=op["status"])
+
+    def _send_input(self, op: dict) -> None:
+        """A dataset input describes a file the run also names by tag and digest: one that
+        MLflow refuses (not a store that cannot be reached: that fails an earlier record
+        first) is reported and dropped, never left to block the records behind it."""
+        from mlflow.types.schema import Schema
+
+        from runner.track.inputs import log_file_input
+
+        schema = Schema.from_json(op["schema"]) if op.get("schema") else None
+        try:
+            log_file_input(self.client, self.run_id, Path(op["path"]), op["sha256"], op["rows"], op["context"], schema)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"warning: MLflow did not take {op['path']} as a dataset input of run {self.run_id}: {why}",
+                  file=sys.stderr)
 
     def flush(self, upto_step: Optional[int] = None) -> bool:
         """Send spooled operations in order; metrics only up to `upto_step` (None: all).
