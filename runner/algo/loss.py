@@ -258,10 +258,12 @@ def rollout_correction(train_logp: torch.Tensor, sampler_logp: torch.Tensor, mas
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
-    """The multiplier of algo.lr for optimizer step `step` (1-based) of `total`, as the
-    Hugging Face schedulers TRL uses by default compute it: linear warm-up over `warmup`
-    steps, then constant, linear decay or a cosine to 0 (the last step keeps 1/total of the
-    range). A function of the step alone, so a resumed run needs no scheduler state."""
+    """The multiplier of algo.lr for optimizer step `step` (1-based) of `total`: linear
+    warm-up over `warmup` steps, then constant, linear decay or a cosine to 0 (the last step
+    keeps 1/total of the range), as the Hugging Face schedulers TRL uses compute it, except
+    the warm-up: theirs gives step 1 lr 0 (0, 1/2, 1 for warmup=2: a step that moves only
+    Adam's moments), ours (s + 1) / (warmup + 1) (1/3, 2/3, 1), so every step moves the
+    weights. A function of the step alone, so a resumed run needs no scheduler state."""
     s = step - 1
     if s < warmup:
         return (s + 1) / (warmup + 1)
