@@ -36,9 +36,19 @@ run: setup
 sweep: setup
 	$(PY) -m runner -m --config-dir sweeps --config-name $(SWEEP) $(ARGS)
 
-# The dice post, every recipe x 5 seeds, then report.md + plots (QUICK=1: 1 seed, 15 steps)
+# The dice post, every recipe x 5 seeds, then report.md + plots (QUICK=1: 1 seed, 15 steps).
+# START=post: from the post's own starting point instead of the raw model: the SFT'd start
+# (conf/recipe/dice_post_start.yaml, run once into START_DIR; "already finished" after), then
+# every recipe from its export. START_ARGS go to the start job, ARGS to the sweep.
+START_DIR ?= outputs/dice_post_start
+START_ARGS ?=
 reproduce: setup
+ifeq ($(START),post)
+	$(PY) -m runner recipe=dice_post_start output_dir=$(START_DIR) $(START_ARGS)
+	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post_start model.path=$(abspath $(START_DIR))/hf_model $(ARGS)
+else
 	$(PY) -m runner -m --config-dir sweeps --config-name reproduce_dice_post$(if $(QUICK),_quick,) $(ARGS)
+endif
 
 # Two workers (pytest-xdist): most tests start a fresh `python -m runner`, whose imports are
 # single-threaded, so two at a time keep both CI cores busy. TEST_JOBS=0 runs them in one process.

@@ -150,6 +150,11 @@ CLAIMS: dict[str, Claim] = {
                                "and some even answer < 0.02 of the final samples",
                                {"ping-pong": lambda r: r.argmax_switches >= 2,
                                 "missing answer": _needs_valid(lambda r: min(r.final[a] for a in EVEN) < 0.02)}),
+    "even_dice_entropy_high": Claim("a higher entropy coefficient devolves into gibberish",
+                                    "gibberish: >= 0.5 of the final samples unparsed (no answer in the tags); judged "
+                                    "from a start that answers (the SFT'd start: 0.04 unparsed), where it cannot pass "
+                                    "by never having learned the format",
+                                    {"gibberish": lambda r: r.final["invalid"] >= 0.5}),
     "even_dice_bonus": Claim("more diversity, but invalid odd answers leak in",
                              DIVERSE_RULE + "; leak: 1, 3, 5 together >= 0.05 of the final samples",
                              {"diversity": _diverse, "leak": lambda r: sum(r.final[a] for a in "135") >= 0.05}),
