@@ -63,6 +63,43 @@ def feedback_text(guess: str, marks: str) -> str:
     return " ".join(f"{c.upper()}={NAMES[m]}" for c, m in zip(guess, marks))
 
 
+def knowledge(history: list[tuple[str, str]]) -> str:
+    """What all feedback so far says, in the form a small model can use without working it
+    out from the per-guess marks: the letters known by position, the letters in the word
+    whose place is unknown (with the places ruled out), and the letters not in it.
+
+        Known: _ R _ _ E. In the word, place unknown: A (not 3rd). Not in the word: S L T.
+    """
+    fixed = ["_"] * 5
+    present: dict[str, set[int]] = {}
+    counted: set[str] = set()
+    for guess, marks in history:
+        for i, (c, m) in enumerate(zip(guess, marks)):
+            if m == GREEN:
+                fixed[i] = c.upper()
+            elif m == YELLOW:
+                present.setdefault(c, set()).add(i)
+        counted |= {c for c, m in zip(guess, marks) if m != GRAY}
+    for guess, marks in history:  # a gray copy of a letter that is in the word: not there either
+        for i, (c, m) in enumerate(zip(guess, marks)):
+            if m == GRAY and c in present:
+                present[c].add(i)
+    absent = sorted({c for g, marks in history for c, m in zip(g, marks) if m == GRAY} - counted)
+    placed = {c.lower() for c in fixed if c != "_"}
+    loose = [f"{c.upper()} (not {', '.join(_ORDINAL[i] for i in sorted(places))})"
+             for c, places in sorted(present.items()) if c not in placed]
+    parts = [f"Known: {' '.join(fixed)}."]
+    if loose:
+        parts.append(f"In the word, place unknown: {', '.join(loose)}.")
+    if absent:
+        parts.append(f"Not in the word: {' '.join(c.upper() for c in absent)}.")
+    return " ".join(parts)
+
+
+_ORDINAL = ("1st", "2nd", "3rd", "4th", "5th")
+FEEDBACK_FORMATS = ("marks", "summary")
+
+
 def consistent(guess: str, history: list[tuple[str, str]]) -> bool:
     """Whether `guess` could still be the secret given every (guess, marks) so far."""
     return all(feedback(guess, g) == m for g, m in history)
@@ -88,7 +125,12 @@ class WordleSolver:
         self.search_limit = search_limit
         self._best: dict[tuple[str, ...], list[str]] = {}
         self.opening = opening if opening in self.words else self.best_guess(self.words, random.Random(0))
-        self._after_opening = self.split(self.opening, self.words)
+        self._after: dict[str, dict[str, list[str]]] = {}  # an opening's buckets, computed once each
+
+    def after(self, opening: str) -> dict[str, list[str]]:
+        if opening not in self._after:
+            self._after[opening] = self.split(opening, self.words)
+        return self._after[opening]
 
     @staticmethod
     def split(guess: str, candidates: list[str]) -> dict[str, list[str]]:
@@ -115,14 +157,15 @@ class WordleSolver:
             self._best[key] = sorted(g for g, v in scored.items() if v == low)
         return rng.choice(self._best[key])
 
-    def solve(self, secret: str, rng: random.Random, max_turns: int = 6) -> list[str]:
-        """The solver's guesses for `secret`, up to max_turns; the last is the secret when it
-        solved in time."""
-        guesses, history = [self.opening], []
+    def solve(self, secret: str, rng: random.Random, max_turns: int = 6, opening: Optional[str] = None) -> list[str]:
+        """The solver's guesses for `secret`, up to max_turns, from `opening` (None: its own);
+        the last is the secret when it solved in time."""
+        opening = opening or self.opening
+        guesses, history = [opening], []
         while guesses[-1] != secret and len(guesses) < max_turns:
             history.append((guesses[-1], feedback(secret, guesses[-1])))
             if len(history) == 1:
-                candidates = self._after_opening.get(history[0][1], [])
+                candidates = self.after(opening).get(history[0][1], [])
             else:
                 candidates = [c for c in candidates if consistent(c, history[-1:])]
             if not candidates:  # a secret outside the word list: nothing consistent is left
@@ -160,6 +203,12 @@ class WordleEnv:
     # guesses), partial (x (greens + 0.5 yellows) / 5 of the best guess), repeat and
     # inconsistent (penalties per such guess); keys left out keep their defaults
     reward_weights: dict[str, float] = field(default_factory=lambda: dict(REWARD_WEIGHTS))
+    # marks: each reply is the guess's per-letter marks and the game so far; summary: also what
+    # all the feedback says (letters known by place, present elsewhere, absent: `knowledge`)
+    feedback_format: str = "marks"
+    # demonstrations' first guesses: the solver's own ("slate") for every game, or drawn
+    # from this many of the best openings by the solver's information score (1: "slate" only)
+    demo_openings: int = 1
     name: str = "wordle"
 
     @staticmethod
@@ -167,6 +216,10 @@ class WordleEnv:
         require(1 <= cfg["max_turns"] <= 20, "max_turns", cfg["max_turns"], "must be in 1..20")
         require(cfg["eval_size"] >= 1, "eval_size", cfg["eval_size"], "must be >= 1")
         require(cfg["eval_k"] >= 1, "eval_k", cfg["eval_k"], "must be >= 1")
+        require(cfg["feedback_format"] in FEEDBACK_FORMATS, "feedback_format", cfg["feedback_format"],
+                f"must be one of {', '.join(FEEDBACK_FORMATS)}")
+        require(isinstance(cfg["demo_openings"], int) and 1 <= cfg["demo_openings"] <= 256, "demo_openings",
+                cfg["demo_openings"], "must be an integer in 1..256")
         for k, v in cfg["reward_weights"].items():
             require(k in REWARD_WEIGHTS, "reward_weights key", k, f"must be one of {', '.join(REWARD_WEIGHTS)}")
             require(isinstance(v, (int, float)) and v >= 0, f"reward_weights.{k}", v, "must be a number >= 0")
@@ -194,9 +247,25 @@ class WordleEnv:
             self._solver = WordleSolver(self.words)
         return self._solver
 
-    def solve(self, secret: str, rng: random.Random) -> list[str]:
+    def solve(self, secret: str, rng: random.Random, opening: Optional[str] = None) -> list[str]:
         """The solver's guesses for `secret` within this env's max_turns."""
-        return self.solver.solve(secret, rng, self.max_turns)
+        return self.solver.solve(secret, rng, self.max_turns, opening)
+
+    def openings(self) -> list[str]:
+        """The demonstrations' first guesses: the solver's own, then the next best words by its
+        information score over all words (`demo_openings` of them), so SFT does not teach
+        one opening to every game (a policy that always opens the same way gives a shaper
+        over openings nothing to spread)."""
+        if self.demo_openings == 1:
+            return [self.solver.opening]
+        if getattr(self, "_openings", None) is None:
+            # scoring every word takes ~30 s: score the words richest in common letters
+            freq = Counter(c for w in self.words for c in set(w))
+            rich = sorted(self.words, key=lambda w: (-sum(freq[c] for c in set(w)), w))[:max(64, 4 * self.demo_openings)]
+            scored = sorted(rich, key=lambda w: (self.solver.spread(w, self.words), w))
+            rest = [w for w in scored if w != self.solver.opening]
+            self._openings = [self.solver.opening, *rest[:self.demo_openings - 1]]
+        return self._openings
 
     def turn_text(self, guess: str) -> str:
         """A guess as the model writes it after each turn's assistant prefix (`play` reads
@@ -214,7 +283,8 @@ class WordleEnv:
             if len(out) >= n:
                 break
             secret = self.train_secrets[i]
-            guesses = self.solve(secret, rng)
+            openings = self.openings()
+            guesses = self.solve(secret, rng, openings[0] if len(openings) == 1 else rng.choice(openings))
             if guesses[-1] != secret:
                 misses += 1
                 # two passes' worth of draws hold every secret at least once: none was won
@@ -277,6 +347,8 @@ class WordleEnv:
         else:
             reply = f"{guess.upper()}: {feedback_text(guess, turn['marks'])}"
         lines = [f"{t['guess'].upper()}: {feedback_text(t['guess'], t['marks'])}" for t in game.turns if t["valid"]]
+        if self.feedback_format == "summary" and game.history:
+            lines.append(knowledge(game.history))
         left = self.max_turns - len(game.turns)
         return f"{reply}\nSo far:\n" + "\n".join(lines) + f"\n{left} turn(s) left. Next guess?"
 

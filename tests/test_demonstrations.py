@@ -231,3 +231,19 @@ def test_wordle_demonstrations_say_so_when_no_game_can_be_won():
             env.demonstrations(3, 0)
     else:
         assert {d.turns for d in env.demonstrations(3, 0)} == {(env.turn_text(env.solver.opening),)}
+
+
+def test_wordle_demonstrations_open_with_several_good_words_when_asked():
+    """env.demo_openings=8: the solver's "slate" and the next seven best openings by its own
+    information score, each drawn often; every game still replays to a won, consistent game."""
+    one = make_env("wordle")
+    assert {d.turns[0] for d in one.demonstrations(40, 0)} == {one.turn_text("slate")}
+    env = make_env("wordle", demo_openings=8)
+    openings = env.openings()
+    assert len(set(openings)) == 8 and openings[0] == "slate"
+    demos = env.demonstrations(200, 0)
+    counts = Counter(d.turns[0] for d in demos)
+    assert set(counts) == {env.turn_text(w) for w in openings} and max(counts.values()) <= 0.25 * len(demos)
+    for d in demos[:50]:
+        game = replay(env, d)
+        assert game.solved and all(t["consistent"] and not t["repeat"] for t in game.turns)

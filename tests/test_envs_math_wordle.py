@@ -190,3 +190,25 @@ def test_multiturn_forward_matches_the_full_forward_on_model_tokens(tiny):
     m = batch.completion_mask.bool()
     assert torch.allclose(fast_lp[m], full_lp[m], atol=1e-5) and torch.allclose(fast_ent[m], full_ent[m], atol=1e-4)
     assert (fast_lp[~m] == 0).all()
+
+
+def test_wordle_knowledge_states_what_all_the_feedback_says():
+    from envs.wordle import knowledge
+
+    h = [("slate", feedback("brine", "slate")), ("crane", feedback("brine", "crane"))]
+    assert knowledge(h) == "Known: _ R _ N E. Not in the word: A C L S T."
+    # a letter marked yellow once and gray once is in the word once: not absent, not in either place
+    assert knowledge([("speed", feedback("abide", "speed"))]) == (
+        "Known: _ _ _ _ _. In the word, place unknown: D (not 5th), E (not 3rd, 4th). Not in the word: P S.")
+
+
+def test_wordle_summary_feedback_adds_the_knowledge_line():
+    marks, summary = _env(), _env(feedback_format="summary")
+    for env in (marks, summary):
+        g = env.new_game(env.prompts(0, 1)[0])
+        g.secret = "slate"
+        reply = env.play(g, "crane</guess>")
+        assert "C=gray" in reply and ("Known: _ _ A _ E." in reply) == (env is summary), reply
+    with pytest.raises(ValueError, match="feedback_format"):
+        WordleEnv.check_config({"max_turns": 6, "eval_size": 1, "eval_k": 1, "reward_weights": {},
+                                "feedback_format": "emoji", "demo_openings": 1})
