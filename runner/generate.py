@@ -32,7 +32,7 @@ Rejection needs one of min_reward and top_fraction. The rows are what runner/loo
 assistant prefix; a game `{"messages": [prompt messages..., assistant turn, user reply, ...,
 assistant turn], "reward": R}`, the replies the environment's. Beside the file,
 `FILE.provenance.json` records the request (source, env and its config, model, rollout,
-seed, the generate keys), the counts (rows, sampled, dropped by reward and as duplicates),
+seed, the generate keys), the counts (rows, sampled, dropped by reward and as duplicates, the tokens sampled),
 the mean reward of the kept rows, the command, time, runner commit and the file's SHA-256;
 the stage is an MLflow run of its own (tag runner.stage_kind=generate) with the file as its
 dataset input and both files as artifacts.
@@ -273,6 +273,7 @@ def provenance(wanted: dict, out: Path, outcome: Outcome, sha256: str, command: 
         "dropped": {"reward": sel.dropped_reward, "duplicate": sel.dropped_duplicate},
         "kept_frac": len(outcome.rows) / sampled if sampled else 0.0,
         "mean_reward": outcome.mean_reward, "reward_errors": outcome.reward_errors,
+        "generated_tokens": outcome.generated_tokens,
         "sha256": sha256, "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runner_commit": git_commit(),
         "mlflow": {"uri": tracker.uri, "experiment": tracker.experiment, "run_id": tracker.run_id},
@@ -305,7 +306,8 @@ def log_outcome(tracker, out: Path, prov_path: Path, prov: dict, rows: list[dict
                          "generate/mean_reward": prov["mean_reward"], "generate/sampled": prov["sampled"],
                          "generate/dropped_reward": prov["dropped"]["reward"],
                          "generate/dropped_duplicate": prov["dropped"]["duplicate"],
-                         "generate/reward_errors": prov["reward_errors"]}, step=0)
+                         "generate/reward_errors": prov["reward_errors"],
+                         "tokens/generated_total": prov["generated_tokens"]}, step=0)
     tracker.set_tags({"generate.sha256": prov["sha256"], "generate.out": str(out)})
     tracker.log_artifact(out)
     tracker.log_artifact(prov_path)

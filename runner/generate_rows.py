@@ -28,6 +28,7 @@ class Candidate:
     finished: bool = True
     replies: tuple[str, ...] = ()
     reward: float = 0.0
+    tokens: int = 0  # what the model generated for it (0: an expert's)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Outcome:
     sampled: int
     selection: Selection
     reward_errors: int = 0
+    generated_tokens: int = 0  # every sampled candidate's tokens, kept or not: what the data cost
 
     @property
     def mean_reward(self) -> float:
@@ -125,9 +127,11 @@ def sampled_candidates(cfg, env, gen: GenerateConfig) -> list[Candidate]:
     for start in range(0, len(prompts), size):
         batch = rollout.generate(model, tok, prompts[start:start + size], k)
         groups = batch.groups.tolist()
+        lengths = batch.completion_lengths.tolist()  # counted as a training step counts tokens/generated
         for i in range(len(batch)):
             turns = turn_texts(batch, tok, i) if batch.token_turn is not None else (batch.completions[i],)
-            out.append(Candidate(batch.prompts[i], turns, start + groups[i], bool(batch.finished[i])))
+            out.append(Candidate(batch.prompts[i], turns, start + groups[i], bool(batch.finished[i]),
+                                 tokens=int(lengths[i])))
     return out
 
 
@@ -227,4 +231,5 @@ def make_rows(cfg, env, gen: GenerateConfig, where: Path) -> Outcome:
     score(collector, env, cands)
     rows = [row_of(c, env) for c in cands]
     sel = select(cands, rows, gen)
-    return Outcome([rows[i] for i in sel.kept], len(cands), sel, collector.reward_errors)
+    return Outcome([rows[i] for i in sel.kept], len(cands), sel, collector.reward_errors,
+                   sum(c.tokens for c in cands))

@@ -14,6 +14,10 @@ the recipe adds:
 - resume: the same command again runs every stage again, and a finished stage ends at once
   by its own record ("already finished"); the parent run is the one in `recipe_state.json`;
 - `budget.cap_usd` caps the whole recipe: each stage gets what the earlier ones left;
+- `train.max_generated_tokens` given to a recipe is the whole recipe's sampling budget: the
+  tokens a generate stage sampled (kept or not) and an RL stage's rollouts count against it,
+  and each RL stage gets what the earlier ones left (evaluations count nowhere, as in a
+  single job): RFT then RL compared with RL alone at equal generated tokens;
 - at the end, `recipe_card.md` and its plot, in the output dir and on the parent run.
 """
 
@@ -230,9 +234,19 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
                           f"tracking.uri={state['tracking_uri']}, or use another output_dir")
     parent = state["parent_run_id"]
     spent, previous, key, stage_runs, data = 0.0, None, "", [], None
+    tokens_left = cfg.train.max_generated_tokens  # the recipe's sampling budget (None: none)
     for i, st in enumerate(cfg.stages):
         args = [*_config_dir_args(sys.argv[1:]), *_base_overrides(overrides, previous is not None),
                 *KIND_OVERRIDES[st.kind], *st.overrides, *cfg.stage_overrides.get(st.name, [])]
+        if tokens_left is not None and st.kind in ("rl", "generate"):
+            if tokens_left <= 0:
+                print(f"recipe: the {cfg.train.max_generated_tokens} generated-token budget is spent after {i} "
+                      f"stage(s); stage {st.name} not run", file=sys.stderr)
+                _write_card(parent, uri, recipe_dir)
+                _end_parent(uri, parent, "FINISHED")
+                return 0
+            if st.kind == "rl":
+                args.append(f"train.max_generated_tokens={tokens_left}")
         if previous is not None:
             args += ["model=pretrained", f"model.path={previous}"]
         if st.kind == "sft" and data is not None and not any(a.startswith("sft.data=") for a in args):
@@ -278,10 +292,24 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
             _log_sample_count(client, run, cfg.card.metric)
             stage_runs.append(run.info.run_id)
             _note_stage_run(uri, parent, stage_runs)
+        if tokens_left is not None:
+            tokens_left -= _stage_tokens(stage_dir, st.kind, run)
         exported = stage_dir / "hf_model"
         previous = exported if exported.is_dir() else previous
     _write_card(parent, uri, recipe_dir)
     _end_parent(uri, parent, "FINISHED")
+    return 0
+
+
+def _stage_tokens(stage_dir: Path, kind: str, run) -> int:
+    """What a finished stage sampled: a generate stage's count from its data's provenance (kept
+    beside the file, whatever the store holds), an RL stage's from its run's last
+    tokens/generated_total; other stages sample only to evaluate, which counts nowhere."""
+    if kind == "generate":
+        prov = read_json(stage_dir / f"{DATA_FILE}.provenance.json", REMEDY, lambda x: None) or {}
+        return int(prov.get("generated_tokens", 0))
+    if kind == "rl" and run is not None:
+        return int(run.data.metrics.get("tokens/generated_total", 0.0))
     return 0
 
 

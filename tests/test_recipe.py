@@ -181,3 +181,33 @@ def test_generate_then_sft_then_rl_and_the_same_command_again(tmp_path):
     assert "already generated" in r.stdout + r.stderr and r.stderr.count("already finished") == 2
     c, again = runs(tmp_path)
     assert len(again) == len(all_runs)  # nothing ran twice
+
+
+def test_a_recipe_token_budget_counts_the_generate_stage_and_caps_the_rl_stage(tmp_path):
+    """train.max_generated_tokens on a recipe is the whole recipe's sampling budget: the
+    tokens rejection sampling drew (kept or not) count against it, the RL stage gets what is
+    left and stops at it (RFT then RL against RL alone at equal generated tokens)."""
+    conf = recipe(tmp_path, "rft", "  - {name: data, kind: generate, overrides: [generate.source=rejection, "
+                                   "generate.prompts=2, generate.k=4, generate.top_fraction=0.5]}\n"
+                                   "  - {name: sft, kind: sft, overrides: [train.steps=2, sft.batch_size=2, "
+                                   "sft.eval_size=1, algo.lr=1e-3]}\n"
+                                   "  - {name: rl, kind: rl, overrides: [train.steps=20, algo.group_size=6]}")
+    out = tmp_path / "out"
+    budget = 100
+    r = subprocess.run(command(conf, "rft", out, "rollout.max_new_tokens=6", f"train.max_generated_tokens={budget}"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    prov = json.loads((out / "0-data" / "data.jsonl.provenance.json").read_text())
+    sampled = prov["generated_tokens"]
+    assert 8 <= sampled <= 8 * 6  # 2 prompts x 4 samples of 1-6 tokens
+    c, all_runs = runs(tmp_path)
+    (parent,) = [x for x in all_runs if x.data.tags.get("runner.recipe") == "rft"]
+    kids = stage_runs(c, all_runs, parent.info.run_id)
+    assert kids["data"].data.metrics["tokens/generated_total"] == sampled
+    rl = kids["rl"]
+    assert f"train.max_generated_tokens={budget - sampled}" in rl.data.tags["command"]
+    assert rl.data.tags["stop_reason"] == "token_budget" and int(rl.data.params["train.max_generated_tokens"]) == budget - sampled
+    used = rl.data.metrics["tokens/generated_total"]
+    assert budget - sampled <= used < budget - sampled + 6 * 6  # stops at the first step that reaches it
