@@ -211,3 +211,23 @@ def test_a_recipe_token_budget_counts_the_generate_stage_and_caps_the_rl_stage(t
     assert rl.data.tags["stop_reason"] == "token_budget" and int(rl.data.params["train.max_generated_tokens"]) == budget - sampled
     used = rl.data.metrics["tokens/generated_total"]
     assert budget - sampled <= used < budget - sampled + 6 * 6  # stops at the first step that reaches it
+
+
+def test_the_math_rft_arms_compose_and_every_stage_validates():
+    """The three arms of RFT against RL on math: every stage's config checked as the recipe
+    checks it before its first stage runs (no model loads)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from runner.config import validate
+    from runner.recipe import check_stages
+
+    kinds = {"math_rft_rl": ["eval", "generate", "sft", "rl"], "math_rft": ["eval", "generate", "sft"],
+             "math_rl": ["eval", "rl"]}
+    for name, expected in kinds.items():
+        overrides = [f"recipe={name}", "train.max_generated_tokens=200000"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = validate(compose("config", overrides=overrides))
+            assert [st.kind for st in cfg.stages] == expected and cfg.env.name == "math"
+            assert cfg.card.metric == "eval/accuracy" and cfg.card.higher_is_better
+            check_stages(cfg, overrides)

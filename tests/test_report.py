@@ -11,7 +11,7 @@ from runner.config import validate
 from runner.track.report import ANSWERS, report
 from runner.train import run
 
-DICE_RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml") if "usd" not in p.stem)
+DICE_RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml") if "usd" not in p.stem and "dice" in p.stem)
 
 
 def fake_run(c, exp, parent, recipe, seed, final, lengths, train_curve):
