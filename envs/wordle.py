@@ -382,11 +382,15 @@ class WordleEnv:
         n = max(len(games), 1)
         solved = [g for g in games if g.solved]
         turns = [t for g in games for t in g.turns]
+        later = [t for g in games for t in [u for u in g.turns if u["valid"]][1:]]
         openings = Counter(g.turns[0]["guess"] if g.turns and g.turns[0]["valid"] else INVALID for g in games)
         m = {f"{prefix}/solve_rate": len(solved) / n,
              f"{prefix}/turns_to_solve": sum(len(g.turns) for g in solved) / len(solved) if solved else float(self.max_turns + 1),
              f"{prefix}/invalid_guess_rate": sum(not t["valid"] for t in turns) / max(len(turns), 1),
              f"{prefix}/repeat_rate": sum(t["repeat"] for t in turns) / max(len(turns), 1),
+             # of the valid guesses after a game's first valid one: could still be the secret given the
+             # feedback before them (whether the model *uses* the feedback; 1.0 for the solver)
+             f"{prefix}/consistent_rate": sum(t["consistent"] for t in later) / len(later) if later else 0.0,
              f"{prefix}/opening_entropy": entropy({k: v / n for k, v in openings.items()}),
              f"{prefix}/opening_distinct": float(len(openings)),
              f"{prefix}/opening_top_share": openings.most_common(1)[0][1] / n if openings else 0.0}

@@ -212,3 +212,56 @@ def test_wordle_summary_feedback_adds_the_knowledge_line():
     with pytest.raises(ValueError, match="feedback_format"):
         WordleEnv.check_config({"max_turns": 6, "eval_size": 1, "eval_k": 1, "reward_weights": {},
                                 "feedback_format": "emoji", "demo_openings": 1})
+
+
+def test_wordle_game_metrics_read_consistency_repeats_and_openings():
+    env = _env()
+    p = env.prompts(0, 1)[0]
+    games = []
+    for guesses in (("crane", "slate"), ("zzzzz", "crane", "crane"), ("crane", "hello", "slate")):
+        g = env.new_game(p)
+        g.secret = "slate"
+        for w in guesses:
+            env.play(g, f"{w}</guess>")
+        games.append(g)
+    m = env.game_metrics(games, "game")
+    # later valid guesses: slate (consistent with crane's marks), crane again (a repeat: not
+    # consistent, crane's own marks rule it out), hello (not), slate (yes); the game opened
+    # with an invalid guess counts its first *valid* one as its first
+    assert m["game/consistent_rate"] == pytest.approx(2 / 4)
+    assert m["game/repeat_rate"] == pytest.approx(1 / 8)
+    assert m["game/solve_rate"] == pytest.approx(2 / 3) and m["game/opening_distinct"] == 2.0
+
+
+class _ShortGames(WordleEnv):
+    """Some games end after their first turn, so the episodes still playing change mid-rollout."""
+
+    def play(self, game, turn_text):
+        reply = super().play(game, turn_text)
+        if reply is not None and game.secret in ("crane", "apple", "world"):
+            game.done = True
+            return None
+        return reply
+
+
+@pytest.mark.parametrize("env_cls", [WordleEnv, _ShortGames])
+def test_multiturn_cache_reuse_samples_what_the_full_prefill_samples(tiny, env_cls):
+    """Keeping the episodes' KV cache between turns (prefilling only each turn's new tokens,
+    left-padded, with masked gaps) must give the same next-token distribution as prefilling
+    the whole episode: same seed, same sampled episodes, token for token."""
+    from runner.rollout.hf import HFRollout
+    from runner.rollout.multiturn import MultiTurnRollout
+
+    model, tok = tiny
+    words = ["crane", "slate", "apple", "papal", "world", "hello", "bench", "quiet"]
+    env = env_cls(words=words, eval_size=2, max_turns=4)
+    out = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        rollout = MultiTurnRollout(env, HFRollout(max_new_tokens=5, kernel="eager"), reuse_cache=reuse)
+        out[reuse] = rollout.generate(model, tok, env.prompts(0, 3), 2)
+    a, b = out[False], out[True]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert [len(g.turns) for g in a.episodes] == [len(g.turns) for g in b.episodes]
+    if env_cls is _ShortGames:  # the case under test: episodes left the batch at different turns
+        assert len({len(g.turns) for g in b.episodes}) > 1

@@ -278,11 +278,15 @@ class HFRollout:
         return reason is None
 
     def _sample_loop(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
-                     temperature) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature, past: Optional["Prefix"] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`past`: a prefix of every row already prefilled (a multi-turn episode's earlier
+        turns, runner/rollout/multiturn.py); prompt_ids are then only the tokens after it,
+        and `past` is advanced to hold them (eager steps only: the fused kernel has its own
+        cache, so with it `past` must be None)."""
         # inference mode: no autograd bookkeeping on the ~700 small ops of each eager decode
         # step (~2 ms a token on the default model); its outputs are cloned out of it, since
         # the training forward takes the sampled ids as inputs
-        fused = self.fused(model)
+        fused = self.fused(model) if past is None else False
         rows = prompt_ids.shape[0] * group_size
         eager = contextlib.ExitStack()
         if not fused:
@@ -290,13 +294,13 @@ class HFRollout:
             eager.enter_context(decode_attention(model, self.attention))
         with torch.inference_mode(), eager:
             tokens, logps = self._sample_steps(model, prompt_ids, prompt_attn, group_size, eos, pad_id, temperature,
-                                               fused)
+                                               fused, past)
         return tokens.clone(), logps.clone()
 
     def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
-                      temperature, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature, fused: bool = False, past: Optional["Prefix"] = None) -> tuple[torch.Tensor, torch.Tensor]:
         steps = (_FusedSteps(model, prompt_ids, prompt_attn, group_size, self.max_new_tokens) if fused
-                 else _EagerSteps(model, prompt_ids, prompt_attn, group_size))
+                 else _EagerSteps(model, prompt_ids, prompt_attn, group_size, past))
         logits = steps.first  # after each prompt's last token, one row per rollout
         del steps.first
         n = logits.shape[0]
@@ -323,19 +327,49 @@ class HFRollout:
         return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
+class Prefix:
+    """Rows already prefilled, kept between calls (a multi-turn episode's earlier turns): per
+    layer the key and value tensors, and the attention mask over their positions (zeros where
+    a row was padded). The tensors are the prefill's own: decode steps build new ones
+    (concatenation, row selection) and never write into these, so no copy is made."""
+
+    def __init__(self) -> None:
+        self.kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self.attn: Optional[torch.Tensor] = None
+
+    def select(self, rows: list[int]) -> None:
+        """Keep these rows (the episodes still playing), in this order."""
+        if self.kv is not None:
+            idx = torch.tensor(rows, device=self.attn.device)
+            self.kv = [(k[idx], v[idx]) for k, v in self.kv]
+            self.attn = self.attn[idx]
+
+
 class _EagerSteps:
     """Steps through the transformers model: each prompt prefilled once, its KV cache
-    repeated for the G rows of its group, then one token a call."""
+    repeated for the G rows of its group, then one token a call. With `past` (group size 1)
+    only the new tokens are prefilled, on top of it, and `past` then holds them too."""
 
-    def __init__(self, model, prompt_ids, prompt_attn, group_size):
-        pos = position_ids(prompt_attn)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
+    def __init__(self, model, prompt_ids, prompt_attn, group_size, past: Optional[Prefix] = None):
+        cache, attn = None, prompt_attn
+        if past is not None and past.kv is not None:
+            from transformers import DynamicCache
+
+            assert group_size == 1, "a prefilled prefix is one row per episode"
+            cache = DynamicCache(ddp_cache_data=past.kv, config=model.config)
+            attn = torch.cat([past.attn, prompt_attn], dim=1)
+        pos = position_ids(attn)[:, -prompt_ids.shape[1]:]
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
         self.first = out.logits[:, -1].repeat_interleave(group_size, dim=0)
         self.cache = out.past_key_values
-        self.cache.batch_repeat_interleave(group_size)
+        if past is not None:  # what the next call prefills on top of: before any decode step
+            past.kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+            past.attn = attn
+        if group_size > 1:
+            self.cache.batch_repeat_interleave(group_size)
         self.model = model
-        self.attn = prompt_attn.repeat_interleave(group_size, dim=0)
+        self.attn = attn.repeat_interleave(group_size, dim=0)
         self.next_pos = pos[:, -1:].repeat_interleave(group_size, dim=0) + 1
 
     def keep(self, rows: torch.Tensor) -> None:
