@@ -305,6 +305,8 @@ class TrainConfig:
     prompts_per_step: int = 2
     eval_every: int = 10
     eval_samples: int = 96
+    # rollouts a held-out evaluation (math, Wordle, datasets) samples at once: bounds its memory
+    eval_rows: int = 64
     # The final evaluation's sample count (null: eval_samples). A verdict on a policy near a
     # threshold needs it: at p = 0.2 the standard error is 0.04 with 96 samples, 0.013 with 960.
     final_eval_samples: Optional[int] = None
@@ -730,6 +732,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 evaluates only at the end)")
     _check(t.eval_samples >= 1, "train.eval_samples", t.eval_samples, "must be >= 1")
+    _check(t.eval_rows >= 1, "train.eval_rows", t.eval_rows, "must be >= 1")
     _check(t.final_eval_samples is None or t.final_eval_samples >= 1, "train.final_eval_samples",
            t.final_eval_samples, "must be null (= train.eval_samples) or an integer >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")

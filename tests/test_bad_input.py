@@ -226,6 +226,12 @@ def test_output_dir_that_cannot_be_created(earlier, tmp_path):
     (["rollout.max_new_tokens=2040"], "rollout.max_new_tokens=2040: with the prompt ("),
     (["train.eval_samples=1000000000"], "train.eval_samples=1000000000: one generation batch of 1000000000 rows"),
     (["train.final_eval_samples=1000000000"], "train.final_eval_samples=1000000000: one generation batch of "),
+    # a held-out set is sampled train.eval_rows rollouts at a time: whole prompts, at least one
+    (["env=wordle", "env.eval_k=100000000", "train.eval_rows=1000000000"],
+     "train.eval_rows=1000000000 (env.eval_k=100000000 x 32 held-out prompts): one generation batch of 1000000000 rows"),
+    (["env=wordle", "env.eval_k=1000000000"], "train.eval_rows=64 (env.eval_k=1000000000 x 32 held-out prompts): "
+     "one generation batch of 1000000000 rows"),
+    (["train.eval_rows=0"], "train.eval_rows=0: must be >= 1"),
     (["algo.group_size=100000", "train.prompts_per_step=100000"],
      "algo.group_size x train.prompts_per_step=100000x100000: one generation batch of 10000000000 rows"),
     (["tracking.experiment=''"], "tracking.experiment='': must be a non-empty"),

@@ -144,9 +144,20 @@ class Evaluator:
         frequent answer key, ties to the first seen)."""
         env, k = self.env, self.env.eval_k
         prompts = env.eval_prompts()
-        with self.autocast():
-            batch = rollout.generate(rollout_model, self.tok, prompts, k, temperature=1.0)
-        scores, errors = self.score(batch)
+        # in chunks of ~train.eval_rows rollouts: 200 Wordle games at once would hold ~140k
+        # tokens of KV cache and prefill activations (GBs)
+        chunk = max(1, self.cfg.train.eval_rows // k)
+        scores, errors, completions, lengths, episodes, rows = [], 0.0, [], [], [], []
+        for i in range(0, len(prompts), chunk):
+            with self.autocast():
+                batch = rollout.generate(rollout_model, self.tok, prompts[i:i + chunk], k, temperature=1.0)
+            s, e = self.score(batch)
+            scores += s
+            errors += e
+            completions += batch.completions
+            lengths += batch.completion_lengths.tolist()
+            episodes += batch.episodes or []
+            rows += batch.prompts
         per: list[list] = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
         m: dict[str, float] = {}
         m["eval/accuracy"] = mean([float(bool(s.correct)) for s in scores])
@@ -161,10 +172,11 @@ class Evaluator:
         m["eval/format_rate"] = mean([float(s.answer_key != INVALID) for s in scores])
         m["eval/reward_mean"] = mean([s.reward for s in scores])
         m["eval/reward_errors"] = errors
-        m["eval/mean_length"] = batch.completion_lengths.float().mean().item()
-        if batch.episodes is not None:
-            m.update(env.game_metrics(batch.episodes, "eval/game"))
+        m["eval/mean_length"] = mean([float(x) for x in lengths])
+        m["eval/samples"] = float(len(scores))  # the n of the card's standard error
+        if episodes:
+            m.update(env.game_metrics(episodes, "eval/game"))
         m.update(self.env_metrics(scores))
-        self.last = {"dist": {}, "probs": {}, "scores": scores, "completions": batch.completions,
-                     "prompt": prompts[0], "prompts": batch.prompts}
+        self.last = {"dist": {}, "probs": {}, "scores": scores, "completions": completions,
+                     "prompt": prompts[0], "prompts": rows}
         return m

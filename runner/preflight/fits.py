@@ -180,7 +180,7 @@ def check_fits(c: Any, device: str, model_dir: Optional[Path]) -> None:
     """The prompt plus rollout.max_new_tokens fit the model's context, and one generation
     batch fits in memory: a training step's algo.group_size x train.prompts_per_step rows,
     an evaluation's train.eval_samples (train.final_eval_samples) rows, or a held-out set's
-    env.eval_k per prompt, all sampled at once. The estimate is a floor (KV cache and the
+    env.eval_k per prompt, train.eval_rows of them at once. The estimate is a floor (KV cache and the
     sampler's float32 logits; not weights, optimizer or activations), so what it refuses
     cannot run."""
     m = c.model
@@ -207,8 +207,9 @@ def check_fits(c: Any, device: str, model_dir: Optional[Path]) -> None:
         train_rows = math.ceil(train_rows / c.trainer.num_procs)  # each GPU samples its share
     batches = [("algo.group_size x train.prompts_per_step", f"{c.algo.group_size}x{t.prompts_per_step}", train_rows)]
     if n_heldout is not None:
-        k = getattr(env, "eval_k", 1)
-        batches.append(("env.eval_k", f"{k} (x {n_heldout} held-out prompts)", k * n_heldout))
+        k = getattr(env, "eval_k", 1)  # sampled train.eval_rows rollouts (whole prompts) at a time
+        rows = k * min(n_heldout, max(1, t.eval_rows // k))
+        batches.append(("train.eval_rows", f"{t.eval_rows} (env.eval_k={k} x {n_heldout} held-out prompts)", rows))
     else:
         batches.append(("train.eval_samples", str(t.eval_samples), t.eval_samples))
         if t.final_eval_samples is not None:
