@@ -34,6 +34,7 @@ from envs.data_files import _abs, load_rows  # noqa: F401  (load_rows: also the 
 from runner.config import ConfigError
 from runner.plugins import import_object
 
+EVAL_SEED = 0  # the shuffle that picks the held-out rows (without eval_path), for every run
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -62,14 +63,14 @@ class DatasetEnv:
     reward_funcs: list[str]  # import paths of reward(prompts, completions, **columns) -> list[float]
     reward_weights: Optional[list[float]] = None  # one per function; null: all 1
     prompt_column: str = "prompt"
-    eval_path: Optional[str] = None  # held-out rows; null: the last eval_size rows (after shuffling)
+    eval_path: Optional[str] = None  # held-out rows; null: eval_size rows of path, the same for every seed
     eval_size: int = 16
     eval_k: int = 4  # samples per held-out prompt: accuracy, pass@k, maj@k
     answer_key: Optional[str] = None  # import path of (text) -> str | None; null: final_answer
     success_threshold: float = 1.0  # a rollout is "correct" (accuracy, pass@k) at this reward or more
     system_prompt: Optional[str] = None
     assistant_prefix: str = ""  # prefilled text of the answer; rewards see it as part of the completion
-    shuffle: bool = True  # the order prompts are used in (seeded by the run's seed)
+    shuffle: bool = True  # training prompts in an order seeded by the run's seed; held-out rows drawn by a fixed one
     seed: int = 0
     name: str = "dataset"
 
@@ -104,16 +105,19 @@ class DatasetEnv:
         # every row is read and checked here: a bad file is a ConfigError (exit 2) at the preflight
         rows = load_rows(self.path, "env.path", self.prompt_column)
         order = list(range(len(rows)))
-        if self.shuffle:
-            random.Random(self.seed).shuffle(order)
         if self.eval_path:
             held = load_rows(self.eval_path, "env.eval_path", self.prompt_column)
-            self.splits = {"train": (rows, order), "eval": (held, list(range(len(held))))}
+            train, heldout = order, (held, list(range(len(held))))
         else:
             if len(order) <= self.eval_size:
                 raise ConfigError(f"env.eval_size={self.eval_size}: {_abs(self.path)} has only {len(order)} rows "
                                   f"and at least one must be left to train on; hold out fewer or give env.eval_path")
-            self.splits = {"train": (rows, order[:-self.eval_size]), "eval": (rows, order[-self.eval_size:])}
+            if self.shuffle:  # the held-out rows are the same for every seed: seeds are judged alike
+                random.Random(EVAL_SEED).shuffle(order)
+            train, heldout = order[:-self.eval_size], (rows, order[-self.eval_size:])
+        if self.shuffle:  # the run's seed orders the training rows
+            random.Random(self.seed).shuffle(train)
+        self.splits = {"train": (rows, train), "eval": heldout}
 
     # -- prompts ---------------------------------------------------------------------------
     def row(self, prompt: Prompt) -> dict:

@@ -2,8 +2,9 @@
 math-verify so that equivalent forms count ("0.5", "1/2", "\\frac{1}{2}").
 
 Generators are mixed by weight, each with its own difficulty settings (reasoning-gym's
-config keys), e.g. `env.tasks.chain_sum.max_terms=4`. Train and held-out eval problems
-come from different seeds; eval questions that also occur in training are dropped.
+config keys), e.g. `env.tasks.chain_sum.max_terms=4`. The held-out problems come from one
+fixed seed (the same for every run, so seeds are judged on the same problems), the training
+problems from the run's seed; training questions that also occur in the held-out set are dropped.
 
 The answer key the shapers cluster on is the normalised final answer (the parsed value
 printed canonically), so the divisor shaper counts "12" and "12.0" as one answer.
@@ -98,6 +99,9 @@ def normalise(answer: str) -> str:
         return str(value)
 
 
+EVAL_SEED = 7919  # reasoning-gym's seed of every run's held-out problems
+
+
 @dataclass
 class MathEnv:
     tasks: dict[str, Any] = field(default_factory=lambda: {"basic_arithmetic": {"weight": 1.0}})
@@ -134,10 +138,17 @@ class MathEnv:
     def __post_init__(self) -> None:
         self.answer_space = None  # unbounded answers
         self.valid_answers = None
-        self.train = self._dataset(self.train_size, self.seed)
-        held = self._eval_source = self._dataset(self.eval_size * 2, self.seed + 7919)
-        seen = {e["question"] for e in self.train}
-        self.eval = [e for e in held if e["question"] not in seen][: self.eval_size]
+        # the held-out set is the same whatever the run's seed (EVAL_SEED), so seeds, and the
+        # stages of a recipe run at different seeds, are judged on the same problems; the
+        # run's seed draws the training set, from which held-out questions are dropped
+        held = self._eval_source = self._dataset(self.eval_size, EVAL_SEED)
+        self.eval = list(held)
+        asked = {e["question"] for e in self.eval}
+        self._train_source = self._dataset(self.train_size, self.seed)
+        self.train = [e for e in self._train_source if e["question"] not in asked]
+        if not self.train:
+            raise ValueError(f"train_size={self.train_size}: every training problem is also a held-out one; "
+                             f"raise train_size or make the tasks harder")
 
     def _dataset(self, size: int, seed: int):
         import reasoning_gym as rg
@@ -202,7 +213,7 @@ class MathEnv:
         entry = self.entry(prompt)
         correct = equivalent(str(entry["answer"]), answer)
         if not correct:  # puzzles with many right answers (countdown) judge themselves
-            ds = self.train if prompt.key[0] == "train" else self._eval_source
+            ds = self._train_source if prompt.key[0] == "train" else self._eval_source
             correct = ds.score_answer(answer, entry) >= 1.0
         exact = finished and thought_ok and extract_answer(text, self.answer_format, True)[0] is not None
         reward = (1.0 if correct else 0.0) + (self.format_reward if exact else 0.0)

@@ -6,8 +6,8 @@ with per-letter feedback in text the model can read and the game so far, for up 
 (runner/rollout/multiturn.py masks the environment's).
 
 Words: the Wordle answer list that reasoning-gym ships (`reasoning_gym.data.wordle_words`),
-used both as secrets (split into train and held-out eval by a seeded shuffle) and as the
-allowed guesses. No hub access.
+used both as secrets (split into train and held-out eval by a fixed shuffle, the same for
+every run) and as the allowed guesses. No hub access.
 
 Reward (weights in the config): solved, plus a bonus for each turn left unused; a share
 for well-formed, allowed guesses; partial credit from the best feedback seen (greens,
@@ -96,6 +96,7 @@ def knowledge(history: list[tuple[str, str]]) -> str:
     return " ".join(parts)
 
 
+EVAL_SEED = 0  # the split of the word list into held-out and training secrets, for every run
 _ORDINAL = ("1st", "2nd", "3rd", "4th", "5th")
 FEEDBACK_FORMATS = ("marks", "summary")
 
@@ -234,10 +235,14 @@ class WordleEnv:
         self.answer_space = None
         self.valid_answers = None
         self.allowed = set(self.words)
+        # the held-out secrets are the same whatever the run's seed (EVAL_SEED), so seeds, and
+        # the stages of a recipe run at different seeds, are judged on the same games and never
+        # train on each other's held-out words; the run's seed orders the training secrets
         order = list(self.words)
-        random.Random(self.seed).shuffle(order)
+        random.Random(EVAL_SEED).shuffle(order)
         self.eval_secrets = order[: self.eval_size]
         self.train_secrets = order[self.eval_size:]
+        random.Random(self.seed).shuffle(self.train_secrets)
 
     # -- demonstrations --------------------------------------------------------------------
     @property

@@ -265,3 +265,37 @@ def test_multiturn_cache_reuse_samples_what_the_full_prefill_samples(tiny, env_c
     assert [len(g.turns) for g in a.episodes] == [len(g.turns) for g in b.episodes]
     if env_cls is _ShortGames:  # the case under test: episodes left the batch at different turns
         assert len({len(g.turns) for g in b.episodes}) > 1
+
+
+def _splits(name, seed, tmp_path):
+    """(held-out items, training items) of each environment with a held-out set, at a run seed."""
+    if name == "wordle":
+        env = WordleEnv(eval_size=16, seed=seed)
+        return env.eval_secrets, env.train_secrets
+    if name == "math":
+        env = MathEnv(train_size=64, eval_size=8, seed=seed)
+        return [e["question"] for e in env.eval], [e["question"] for e in env.train]
+    import json
+
+    from envs.dataset import DatasetEnv
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(40)))
+    env = DatasetEnv(path=str(f), reward_funcs=[], eval_size=8, seed=seed)
+    return ([env.row(p)["prompt"] for p in env.eval_prompts()],
+            [env.row(p)["prompt"] for p in env.prompts(0, len(env.splits["train"][1]))])
+
+
+@pytest.mark.parametrize("name", ["wordle", "math", "dataset"])
+def test_the_held_out_set_is_the_same_for_every_seed_and_never_trained_on(name, tmp_path):
+    """A recipe's stages (or a study's seeds) run at different seeds are judged on the same
+    held-out items, and no seed trains on another seed's held-out items; the seed still
+    changes the order of the training items."""
+    held = {}
+    for seed in (0, 1, 2):
+        held[seed], train = _splits(name, seed, tmp_path)
+        assert held[seed] and not set(held[seed]) & set(train)
+        if seed == 0:
+            first_train = train
+    assert held[0] == held[1] == held[2]
+    assert train != first_train
