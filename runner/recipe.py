@@ -23,12 +23,13 @@ the recipe adds:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from runner import host
 from runner.config import ConfigError
@@ -150,28 +151,30 @@ def stage_key(previous: str, args: list[str]) -> str:
     return hashlib.sha256(json.dumps([previous, args]).encode()).hexdigest()[:12]
 
 
-def _wait_for(stage_dir: Path) -> None:
-    """Another job of the sweep may be running this very stage: wait until its lock is free
-    (then the stage ends at once as finished, or resumes if that job died)."""
-    import fcntl
-    import time
-
-    lock = stage_dir / ".runner.lock"
-    if not lock.exists():
+@contextlib.contextmanager
+def _claimed(stage_dir: Optional[Path]) -> Iterator[None]:
+    """Hold a sweep's shared stage while this job runs it: an exclusive lock on a file beside
+    the stage's dir, taken before the stage starts (the stage's own lock inside its dir is
+    taken only once its process is up, too late for two jobs that reach the stage at the same
+    moment: the second would be refused). Another job waits here until the stage is done,
+    then runs it again, and it ends at once as finished (or resumes it, if this job died)."""
+    if stage_dir is None:
+        yield
         return
-    said = False
-    while True:
-        with open(lock, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f, fcntl.LOCK_UN)
-                return
-            except BlockingIOError:
-                if not said:
-                    print(f"recipe: stage {stage_dir.name} is being run by another job of this sweep; waiting",
-                          file=sys.stderr)
-                    said = True
-        time.sleep(2.0)
+    import fcntl
+
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir.parent / f".{stage_dir.name}.claim", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"recipe: stage {stage_dir.name} is being run by another job of this sweep; waiting",
+                  file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _note_stage_run(uri: str, parent: Optional[str], stage_runs: list[str]) -> None:
@@ -253,8 +256,6 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
             args.append(f"sft.data={data}")  # the file the generate stage before it wrote
         key = stage_key(key, [a for a in args if not a.startswith("budget.")])
         stage_dir = shared_root / f"{i}-{st.name}-{key}" if shared_root else recipe_dir / f"{i}-{st.name}"
-        if shared_root:
-            _wait_for(stage_dir)
         if cfg.budget.cap_usd is not None:
             left = cfg.budget.cap_usd - spent
             if left <= 0:
@@ -276,7 +277,8 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
         if parent:
             args.append(f"tracking.parent_run_id={parent}")
         print(f"recipe {recipe}: stage {i + 1}/{len(cfg.stages)} {st.name} ({st.kind}) in {stage_dir}", file=sys.stderr)
-        rc = _run_stage([sys.executable, "-m", module, *args])
+        with _claimed(stage_dir if shared_root else None):
+            rc = _run_stage([sys.executable, "-m", module, *args])
         state["stages"][st.name] = {"dir": str(stage_dir), "returncode": rc}
         write_json_atomic(state_path, state)
         if rc != 0:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -142,15 +143,18 @@ def test_estimate_only_prices_every_stage_and_the_total(tmp_path):
     assert not (out / "0-base").exists() and not (tmp_path / "mlruns.db").exists()  # nothing trained or logged
 
 
-def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
+def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path, launcher):
+    """Sequential jobs, and two jobs at once that reach the shared first stage together: one
+    runs it, the other waits for it (it was refused as a second process on the stage's dir)."""
     conf = recipe(tmp_path, "shared", f"  - {{name: base, kind: eval}}\n  - {{name: sft, kind: sft, overrides: {SFT}}}\n"
                                       f"  - {{name: rl, kind: rl, overrides: [train.steps=2, algo.group_size=6]}}")
     sweep = tmp_path / "sweep"
     r = subprocess.run([sys.executable, "-m", "runner", "-m", "--config-dir", str(conf), "recipe=shared", *COMMON,
-                        "+stage_overrides.rl=choice(['seed=1'],['seed=2'])", f"hydra.sweep.dir={sweep}"],
+                        "+stage_overrides.rl=choice(['seed=1'],['seed=2'])", f"hydra.sweep.dir={sweep}", *launcher],
                        cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    stages = sorted(p.name.rsplit("-", 1)[0] for p in (sweep / "stages").iterdir())
+    stages = sorted(p.name.rsplit("-", 1)[0] for p in (sweep / "stages").iterdir() if p.is_dir())
     assert stages == ["0-base", "1-sft", "2-rl", "2-rl"]  # base and SFT once, RL per seed
     c, all_runs = runs(tmp_path)
     rl = [x for x in all_runs if x.data.tags.get("runner.stage") == "rl"]
