@@ -79,8 +79,7 @@ def _child(uri: str, stage_dir: Path, generated: bool = False):
     from runner import outdir
 
     if generated:
-        prov = read_json(stage_dir / f"{DATA_FILE}.provenance.json", REMEDY, lambda x: None) or {}
-        run_id = (prov.get("mlflow") or {}).get("run_id")
+        run_id = (_provenance(stage_dir).get("mlflow") or {}).get("run_id")
     else:
         run_id = outdir.read_record(stage_dir).get("run_id") if stage_dir.exists() else None
     if not run_id:
@@ -261,6 +260,7 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
             if left <= 0:
                 print(f"recipe: the ${cfg.budget.cap_usd:g} cap is spent after {i} stage(s) (${spent:.4f}); "
                       f"stage {st.name} not run", file=sys.stderr)
+                _write_card(parent, uri, recipe_dir)  # the stages that ran, as a token-budget stop has it
                 _end_parent(uri, parent, "FINISHED")
                 return 0
             args.append(f"budget.cap_usd={left:.6g}")
@@ -303,12 +303,20 @@ def run_recipe(cfg, overrides: list[str], recipe_dir: Path, shared_root: Optiona
     return 0
 
 
+def _provenance(stage_dir: Path) -> dict:
+    """A generate stage's record of its data ({} if it has none)."""
+    from runner.generate import provenance_path
+
+    found = read_json(provenance_path(stage_dir / DATA_FILE), REMEDY, lambda x: None if isinstance(x, dict) else "not an object")
+    return found or {}
+
+
 def _stage_tokens(stage_dir: Path, kind: str, run) -> int:
     """What a finished stage sampled: a generate stage's count from its data's provenance (kept
     beside the file, whatever the store holds), an RL stage's from its run's last
     tokens/generated_total; other stages sample only to evaluate, which counts nowhere."""
     if kind == "generate":
-        prov = read_json(stage_dir / f"{DATA_FILE}.provenance.json", REMEDY, lambda x: None) or {}
+        prov = _provenance(stage_dir)
         return int(prov.get("generated_tokens", 0))
     if kind == "rl" and run is not None:
         return int(run.data.metrics.get("tokens/generated_total", 0.0))
