@@ -178,7 +178,8 @@ def test_bad_sft_input_is_refused_before_the_weights_load(tmp_path):
 
 
 @pytest.mark.parametrize("env", [["env=even_dice", "env.demo_weights={4: 0.5, 2: 0.25, 6: 0.25}"],
-                                 ["env=wordle", "env.eval_size=8", "rollout.max_new_tokens=8"]])
+                                 # a 6-turn game with its replies runs past the default 512 tokens
+                                 ["env=wordle", "env.eval_size=8", "rollout.max_new_tokens=8", "sft.max_length=1024"]])
 def test_sft_on_the_environments_own_demonstrations(tmp_path, env):
     """No data file: the environment's demonstrations (a Wordle game's replies replayed, masked)."""
     r = run_cli([*FAST, *env, "sft.demonstrations=48", "train.steps=2", "train.eval_every=0", "sft.batch_size=4",
