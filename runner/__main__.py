@@ -201,4 +201,10 @@ def skip(run_cfg, parent_id: Optional[str], tags: dict, why: str) -> None:
 
 
 if __name__ == "__main__":
+    from runner.preflight.foreign_names import foreign_name_hint
+
+    hint = foreign_name_hint(sys.argv[1:])  # before Hydra's five-line "Could not override"
+    if hint:
+        print(f"error: {hint}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -439,7 +439,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         origin, args = get_origin(tp), get_args(tp)
     elif origin in (Union, types.UnionType):
         return _first_type(key, value, list(args), "")
-    bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}{' or null' if optional else ''}")
+    bad = ConfigError(f"{key}={value!r}: " + (f"must be one of {', '.join(map(str, CHOICES[key]))}" if key in CHOICES
+                                               else f"expected {_type_name(tp)}{' or null' if optional else ''}"))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -531,7 +532,44 @@ def _env(node: Any) -> Any:
         raise ConfigError(str(e)) from None
 
 
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
+# every key with a fixed set of values: validate() checks them, and a value of the wrong type
+# (algo.scale_rewards=true) is refused with the same list
+CHOICES: dict[str, tuple] = {
+    "algo.lr_schedule": LR_SCHEDULES,
+    "algo.baseline": ("mean", "loo"),
+    "algo.scale_rewards": SCALE_REWARDS,
+    "algo.ratio_level": ("token", "sequence"),
+    "algo.clip_mode": ("ppo", "cispo", "nll"),
+    "algo.loss_agg": LOSS_AGGS,
+    "algo.entropy.scope": ("all", "answer"),
+    "algo.kl.estimator": ("k1", "k2", "k3"),
+    "model.source": MODEL_SOURCES,
+    "model.dtype": DTYPES,
+    "rollout.name": ROLLOUT_NAMES,
+    "rollout.strategy": ("independent", "fr3e"),
+    "rollout.engine": ("loop", "generate"),
+    "rollout.dtype": ("auto", "float32", "bfloat16"),
+    "rollout.linears": ("auto", "plain"),
+    "rollout.attention": ("auto", "sdpa"),
+    "rollout.kernel": ("auto", "fused", "eager"),
+    "trainer.name": TRAINER_NAMES,
+    "trainer.device": DEVICES,
+    "trainer.autocast": ("none", "bf16"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "budget.hardware": HARDWARE,
+    "tracking.name": ("mlflow",),
+    "train.on_reward_error": ("zero", "fail"),
+    "train.resume": ("auto", "force", "never"),
+    "sft.truncation": ("refuse", "truncate"),
+    "shaper.name": SHAPER_NAMES,
+    "trainer.launcher": ("torchrun", "deepspeed"),
+    "trainer.zero_stage": (0, 1, 2, 3),
+    "trainer.group_placement": ("local", "gather"),
+}
+
+
+def _one_of(key: str, value: Any, allowed: Optional[tuple] = None) -> None:
+    allowed = CHOICES[key] if allowed is None else allowed
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
 
@@ -596,25 +634,25 @@ def _check_ranges(c: RunConfig) -> None:
     _check(a.group_size >= 2, "algo.group_size", a.group_size,
            "must be an integer >= 2 (a group of 1 has no baseline to compare against)")
     _check(a.lr > 0, "algo.lr", a.lr, "must be > 0")  # and finite: _check_finite
-    _one_of("algo.lr_schedule", a.lr_schedule, LR_SCHEDULES)
+    _one_of("algo.lr_schedule", a.lr_schedule)
     _check(a.warmup_steps >= 0, "algo.warmup_steps", a.warmup_steps, "must be an integer >= 0")
     _check(a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, "must be >= 0")
     _check(0 <= a.adam_beta1 < 1, "algo.adam_beta1", a.adam_beta1, "must be in [0, 1)")
     _check(0 <= a.adam_beta2 < 1, "algo.adam_beta2", a.adam_beta2, "must be in [0, 1)")
     _check(a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0")
     _check(a.num_iterations >= 1, "algo.num_iterations", a.num_iterations, "must be >= 1")
-    _one_of("algo.baseline", a.baseline, ("mean", "loo"))
-    _one_of("algo.scale_rewards", a.scale_rewards, SCALE_REWARDS)
+    _one_of("algo.baseline", a.baseline)
+    _one_of("algo.scale_rewards", a.scale_rewards)
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", a.adv_clip, "must be > 0 or null")
-    _one_of("algo.ratio_level", a.ratio_level, ("token", "sequence"))
-    _one_of("algo.clip_mode", a.clip_mode, ("ppo", "cispo", "nll"))
+    _one_of("algo.ratio_level", a.ratio_level)
+    _one_of("algo.clip_mode", a.clip_mode)
     from runner.loop.step_kind import kind_class
 
     kind_class(a.kind).check_config(c)  # the step kind's own rules (runner/loop/step_kind.py)
     _check(a.clip_low is None or 0 <= a.clip_low < 1, "algo.clip_low", a.clip_low,
            "must be in [0, 1), or null for no lower bound")
     _check(a.clip_high >= 0, "algo.clip_high", a.clip_high, "must be >= 0")
-    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _one_of("algo.loss_agg", a.loss_agg)
     _check(isinstance(a.loss_temperature, (int, float)) and 0.05 <= a.loss_temperature <= 20,
            "algo.loss_temperature", a.loss_temperature,
            "must be a number in [0.05, 20] (1: the model's own log-probs; ${rollout.temperature}: the sampler's)")
@@ -624,13 +662,13 @@ def _check_ranges(c: RunConfig) -> None:
            "must be in (0, 1] (the fraction of tokens kept, highest entropy first)")
     e = a.entropy
     _check(e.coef >= 0, "algo.entropy.coef", e.coef, "must be >= 0")
-    _one_of("algo.entropy.scope", e.scope, ("all", "answer"))
+    _one_of("algo.entropy.scope", e.scope)
     _check(e.target >= 0, "algo.entropy.target", e.target, "must be >= 0")
     _check(e.delta >= 0, "algo.entropy.delta", e.delta, "must be >= 0")
     _check(e.coef_min >= 0, "algo.entropy.coef_min", e.coef_min, "must be >= 0")
     _check(e.coef_max >= e.coef_min, "algo.entropy.coef_max", e.coef_max, "must be >= algo.entropy.coef_min")
     _check(a.kl.coef >= 0, "algo.kl.coef", a.kl.coef, "must be >= 0")
-    _one_of("algo.kl.estimator", a.kl.estimator, ("k1", "k2", "k3"))
+    _one_of("algo.kl.estimator", a.kl.estimator)
     _check(a.dynamic_sampling.max_rounds >= 1, "algo.dynamic_sampling.max_rounds",
            a.dynamic_sampling.max_rounds, "must be >= 1")
     _check(a.overlong.buffer >= 1, "algo.overlong.buffer", a.overlong.buffer, "must be >= 1")
@@ -639,8 +677,8 @@ def _check_ranges(c: RunConfig) -> None:
     _check(-1 <= c.shaper.threshold <= 1, "shaper.threshold", c.shaper.threshold, "must be in [-1, 1] (a cosine similarity)")
 
     m = c.model
-    _one_of("model.source", m.source, MODEL_SOURCES)
-    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.source", m.source)
+    _one_of("model.dtype", m.dtype)
     if m.source == "pretrained":
         _check(bool(m.path), "model.path", m.path,
                "must name a Hugging Face id or a local directory when model.source=pretrained")
@@ -659,11 +697,11 @@ def _check_ranges(c: RunConfig) -> None:
         _check_lora(c)
 
     r = c.rollout
-    _one_of("rollout.name", r.name, ROLLOUT_NAMES)
+    _one_of("rollout.name", r.name)
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
            "must be in (0, 1]")
     _check(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "must be >= 1")
-    _one_of("rollout.strategy", r.strategy, ("independent", "fr3e"))
+    _one_of("rollout.strategy", r.strategy)
     if r.strategy == "fr3e":
         f = r.fr3e
         _check(r.name == "hf", "rollout.strategy", r.strategy, "fr3e needs rollout=hf (it branches from prefixes)")
@@ -684,11 +722,11 @@ def _check_ranges(c: RunConfig) -> None:
            f"logits; colder sampling is near-greedy: a group's rollouts come out identical and carry no signal)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
-    _one_of("rollout.engine", r.engine, ("loop", "generate"))
-    _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
-    _one_of("rollout.linears", r.linears, ("auto", "plain"))
-    _one_of("rollout.attention", r.attention, ("auto", "sdpa"))
-    _one_of("rollout.kernel", r.kernel, ("auto", "fused", "eager"))
+    _one_of("rollout.engine", r.engine)
+    _one_of("rollout.dtype", r.dtype)
+    _one_of("rollout.linears", r.linears)
+    _one_of("rollout.attention", r.attention)
+    _one_of("rollout.kernel", r.kernel)
     if r.name == "hf" and r.kernel == "fused":  # what is known before the model loads (the rest: at set-up)
         _check(r.dtype != "float32", "rollout.kernel", r.kernel,
                "needs bfloat16 rollout weights, not rollout.dtype=float32 (rollout.kernel=auto falls back to eager)")
@@ -698,10 +736,10 @@ def _check_ranges(c: RunConfig) -> None:
         _check(a.overlong.buffer < r.max_new_tokens, "algo.overlong.buffer", a.overlong.buffer,
                f"must be < rollout.max_new_tokens ({r.max_new_tokens})")
 
-    _one_of("trainer.name", c.trainer.name, TRAINER_NAMES)
-    _one_of("trainer.device", c.trainer.device, DEVICES)
-    _one_of("trainer.autocast", c.trainer.autocast, ("none", "bf16"))
-    _one_of("trainer.precision", c.trainer.precision, ("auto", "fp32", "bf16"))
+    _one_of("trainer.name", c.trainer.name)
+    _one_of("trainer.device", c.trainer.device)
+    _one_of("trainer.autocast", c.trainer.autocast)
+    _one_of("trainer.precision", c.trainer.precision)
     _check(c.trainer.num_threads is None or c.trainer.num_threads >= 1,
            "trainer.num_threads", c.trainer.num_threads, "must be >= 1 or null")
     _check(c.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps", c.trainer.grad_accum_steps, "must be >= 1")
@@ -713,13 +751,13 @@ def _check_ranges(c: RunConfig) -> None:
     _check(b.usd_per_device_hour >= 0, "budget.usd_per_device_hour", b.usd_per_device_hour, "must be >= 0")
     _check(b.devices >= 1, "budget.devices", b.devices, "must be >= 1")
     _check(b.cap_usd is None or b.cap_usd > 0, "budget.cap_usd", b.cap_usd, "must be > 0 or null")
-    _one_of("budget.hardware", b.hardware, HARDWARE)
+    _one_of("budget.hardware", b.hardware)
     _check(b.estimate_steps >= 1, "budget.estimate_steps", b.estimate_steps, "must be >= 1")
     _check(b.sweep_cap_usd is None or b.sweep_cap_usd > 0, "budget.sweep_cap_usd", b.sweep_cap_usd, "must be > 0 or null")
     _check(b.job_estimate_usd is None or b.job_estimate_usd >= 0, "budget.job_estimate_usd", b.job_estimate_usd,
            "must be >= 0 or null")
 
-    _one_of("tracking.name", c.tracking.name, ("mlflow",))
+    _one_of("tracking.name", c.tracking.name)
     _check(bool(c.tracking.experiment.strip()), "tracking.experiment", c.tracking.experiment,
            "must be a non-empty MLflow experiment name (e.g. runner)")
     _check(c.tracking.flush_every >= 1, "tracking.flush_every", c.tracking.flush_every, "must be >= 1")
@@ -738,12 +776,12 @@ def _check_ranges(c: RunConfig) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
-    _one_of("train.on_reward_error", t.on_reward_error, ("zero", "fail"))
+    _one_of("train.on_reward_error", t.on_reward_error)
     _check(t.reward_timeout_s is None or t.reward_timeout_s >= 0, "train.reward_timeout_s", t.reward_timeout_s,
            "must be >= 0 seconds (0 or null: no timeout)")
     _check(t.stop_grace_s is None or t.stop_grace_s >= 0, "train.stop_grace_s", t.stop_grace_s,
            "must be >= 0 seconds, or null (wait for the step however long it takes)")
-    _one_of("train.resume", t.resume, ("auto", "force", "never"))
+    _one_of("train.resume", t.resume)
     _check(t.sample_table_rows >= 0, "train.sample_table_rows", t.sample_table_rows, "must be >= 0")
     _check(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "train.max_generated_tokens",
            t.max_generated_tokens, "must be null (no token budget) or an integer >= 1")
@@ -760,7 +798,7 @@ def _check_ranges(c: RunConfig) -> None:
     _check(f.demonstrations >= 1, "sft.demonstrations", f.demonstrations, "must be an integer >= 1")
     _check(f.batch_size >= 1, "sft.batch_size", f.batch_size, "must be an integer >= 1")
     _check(f.max_length >= 1, "sft.max_length", f.max_length, "must be an integer >= 1")
-    _one_of("sft.truncation", f.truncation, ("refuse", "truncate"))
+    _one_of("sft.truncation", f.truncation)
     _check(f.eval_size >= 0, "sft.eval_size", f.eval_size, "must be an integer >= 0")
 
 
@@ -788,7 +826,7 @@ def _check_shaper(sh: ShaperConfig) -> None:
             _check(callable(import_object(sh._target_, "shaper._target_")), "shaper._target_", sh._target_,
                    "is not a function (rewards, keys, groups) -> shaped rewards")
         else:
-            _one_of("shaper.name", sh.name, SHAPER_NAMES)
+            _one_of("shaper.name", sh.name)
         _check(callable(clusterer_function(sh.cluster)), "shaper.cluster", sh.cluster, "is not a function")
     except PluginError as e:
         raise ConfigError(str(e)) from None
@@ -797,9 +835,9 @@ def _check_shaper(sh: ShaperConfig) -> None:
 def _check_deepspeed(c: RunConfig) -> None:
     t = c.trainer
     _check(t.num_procs >= 1, "trainer.num_procs", t.num_procs, "must be >= 1")
-    _one_of("trainer.launcher", t.launcher, ("torchrun", "deepspeed"))
-    _one_of("trainer.zero_stage", t.zero_stage, (0, 1, 2, 3))
-    _one_of("trainer.group_placement", t.group_placement, ("local", "gather"))
+    _one_of("trainer.launcher", t.launcher)
+    _one_of("trainer.zero_stage", t.zero_stage)
+    _one_of("trainer.group_placement", t.group_placement)
     _check(not t.offload_params or t.zero_stage == 3, "trainer.offload_params", t.offload_params,
            "needs trainer.zero_stage=3 (only ZeRO-3 partitions the parameters)")
     _check(t.master_port is None or 1 <= t.master_port <= 65535, "trainer.master_port", t.master_port,

@@ -245,6 +245,22 @@ def test_numbers_and_names(earlier, bad, first):
         assert "KV cache" in line and "GiB" in line
 
 
+@pytest.mark.parametrize("bad,first", [
+    # TRL's and verl's names get the key they mean, before Hydra's five-line "Could not override"
+    (["algo.beta=0.1"], "algo.beta: not a key of this runner; did you mean algo.kl.coef (TRL: beta)?"),
+    (["per_device_train_batch_size=8"], "per_device_train_batch_size: not a key of this runner; did you mean "
+                                        "train.prompts_per_step (TRL: per_device_train_batch_size; TRL counts completions"),
+    (["+num_generations=8"], "num_generations: not a key of this runner; did you mean algo.group_size (TRL"),
+    (["actor_rollout_ref.actor.entropy_coeff=0.01"], "actor_rollout_ref.actor.entropy_coeff: not a key of this runner; "
+                                                     "did you mean algo.entropy.coef (verl: entropy_coeff)?"),
+    # a value of the wrong type for a key with a fixed set of values lists the set
+    (["algo.scale_rewards=true"], "algo.scale_rewards=True: must be one of group, batch, none"),
+    (["trainer.precision=16"], "trainer.precision=16: must be one of auto, fp32, bf16"),
+])
+def test_foreign_names_and_choice_types(earlier, bad, first):
+    refused(earlier, bad, first)
+
+
 def test_users_rights_are_accepted():
     """inf where it means no limit, and a large step count (the budget and Ctrl-C stop it)."""
     from hydra import compose, initialize_config_dir
