@@ -28,6 +28,15 @@ log = logging.getLogger("runner")
 register_entry_points()
 
 
+def refuse(e: Exception, output_dir: Path) -> None:
+    """One line, exit 2, and nothing left behind: the output dir Hydra made for this command
+    goes if nothing of a run is in it (runner/outdir.py discard_if_unused)."""
+    print(f"error: {e}", file=sys.stderr)
+    outdir.unlock(output_dir)
+    outdir.discard_if_unused(output_dir)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Runs one job; returns the sweep objective (`objective`, a metric name) for sweepers."""
@@ -35,15 +44,14 @@ def main(cfg: DictConfig) -> Optional[float]:
 
     started_at = time.time()
     meter = CostMeter(0.0)  # the job's clock starts here, before any loading; priced below
+    hc = HydraConfig.get()
+    output_dir = Path(hc.runtime.output_dir).resolve()
     try:
         run_cfg = validate(cfg)
         check_installed(run_cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e, output_dir)
     meter.usd_per_device_hour, meter.devices = run_cfg.budget.usd_per_device_hour, run_cfg.budget.devices
-    hc = HydraConfig.get()
-    output_dir = Path(hc.runtime.output_dir).resolve()
     run_cfg.output_dir = str(output_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run_cfg))
     if run_cfg.stages:  # a staged recipe: each stage is a job of its own (runner/recipe.py)
@@ -60,8 +68,7 @@ def main(cfg: DictConfig) -> Optional[float]:
                 sys.exit(rc)
             return math.nan  # (a sweep's other jobs go on; the card holds the results)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            refuse(e, output_dir)
         finally:
             outdir.unlock(output_dir)
     try:
@@ -73,14 +80,11 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(e, file=sys.stderr)
         return math.nan
     except ConfigError as e:
-        outdir.unlock(output_dir)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e, output_dir)
     try:
         return run_job(cfg, run_cfg, hc, output_dir, resume, meter, started_at)
     except ConfigError as e:  # a damaged sweep_parent.json or budget ledger, before anything is loaded
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e, output_dir)
     except KeyboardInterrupt:  # before the run began (imports, a sweep's admission): nothing exists yet
         print("interrupted during start-up, before any step ran; nothing was logged or checkpointed",
               file=sys.stderr)
@@ -160,8 +164,7 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         print("interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
         sys.exit(130)
     except ConfigError as e:  # the output dir's checkpoints, found unreadable after loading
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e, output_dir)
     except (NonFiniteError, OSError) as e:  # OSError: a full disk, say; the traceback is in MLflow (traceback.txt)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

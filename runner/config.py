@@ -407,6 +407,33 @@ class RunConfig:
     card: CardConfig = field(default_factory=CardConfig)
 
 
+def _env_name(node: Any) -> str:
+    """`${runner_env_name:${env}}` in conf/config.yaml's output_dir: env.name, or the name
+    the environment gets without one (runner/plugins.py), so a YAML without `name:` does not
+    break the output dir's interpolation (Hydra resolves it before any check of ours runs)."""
+    name = node.get("name") if hasattr(node, "get") else None
+    if name:
+        return str(name)
+    try:
+        from runner.plugins import default_env_name, import_object
+
+        return default_env_name(import_object(node.get("_target_"), "env._target_"))
+    except Exception:  # the env's own check refuses it in one line, after composition
+        return "env"
+
+
+def _shaper_name(node: Any) -> str:
+    """`${runner_shaper_name:${shaper}}`: a user's shaper is named after its function."""
+    from runner.plugins import default_shaper_name
+
+    return default_shaper_name(str(node.get("name") or "none"), node.get("_target_"))
+
+
+for _name, _fn in (("runner_env_name", _env_name), ("runner_shaper_name", _shaper_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is not None and type(None) in get_args(tp):
         inner = [a for a in get_args(tp) if a is not type(None)][0]
@@ -817,17 +844,33 @@ def _check_lora(c: RunConfig) -> None:
                f"use rollout=hf or model.lora.r=0")
 
 
+def _takes(fn: Any, n: int) -> bool:
+    """Whether `fn` can be called with n positional arguments (a signature it does not show
+    is given the benefit of the doubt)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins)
+        return True
+    return True
+
+
 def _check_shaper(sh: ShaperConfig) -> None:
     """A user's shaper or clusterer must import and be callable before anything loads."""
     from runner.plugins import PluginError, clusterer_function, import_object
 
     try:
         if sh._target_ is not None:
-            _check(callable(import_object(sh._target_, "shaper._target_")), "shaper._target_", sh._target_,
-                   "is not a function (rewards, keys, groups) -> shaped rewards")
+            fn = import_object(sh._target_, "shaper._target_")
+            _check(callable(fn) and _takes(fn, 3), "shaper._target_", sh._target_,
+                   "is not a function (rewards, keys, groups) -> shaped rewards (a reward function goes in "
+                   "env=dataset's env.reward_funcs)")
         else:
             _one_of("shaper.name", sh.name)
-        _check(callable(clusterer_function(sh.cluster)), "shaper.cluster", sh.cluster, "is not a function")
+        fn = clusterer_function(sh.cluster)
+        _check(callable(fn) and _takes(fn, 4), "shaper.cluster", sh.cluster,
+               "is not a function (keys, completions, groups, threshold) -> cluster keys")
     except PluginError as e:
         raise ConfigError(str(e)) from None
 
@@ -878,6 +921,9 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         old = raw["trainer"].pop("export_hf")
         raw["train"] = {"export": old, **(raw.get("train") or {})}
     run = _build(RunConfig, raw, "")
+    from runner.plugins import default_shaper_name
+
+    run.shaper.name = default_shaper_name(run.shaper.name, run.shaper._target_)
     if run.model.path:  # model.path=... on any preset: load those weights instead
         run.model.source = "pretrained"
         run.model.tokenizer_from = None

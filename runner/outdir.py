@@ -93,6 +93,34 @@ def unlock(output_dir: Path) -> None:
         f.close()
 
 
+def discard_if_unused(output_dir: Path) -> None:
+    """A refused command leaves nothing behind: the dir Hydra made for it goes, with the lock
+    and the log this process may have put in it, if nothing else is in it and no process holds
+    its lock (a dir with anything else in it is left exactly as it is)."""
+    try:
+        names = {p.name for p in output_dir.iterdir()}
+    except OSError:
+        return
+    if not names <= {LOCK_FILE, "runner.log"}:
+        return
+    lock_path = output_dir / LOCK_FILE
+    if LOCK_FILE in names:
+        with open(lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process is starting in it
+            for name in names:
+                (output_dir / name).unlink(missing_ok=True)
+    else:
+        (output_dir / "runner.log").unlink(missing_ok=True)
+    for d in (output_dir, output_dir.parent):  # and `outputs/` if this dir was all it held
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 # -- the record ---------------------------------------------------------------------------
 # the record's fields and their types: anything else in a field is damage, not data
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {

@@ -92,6 +92,21 @@ def parameters(target: Callable) -> tuple[dict[str, Param], bool]:
 # environments
 
 
+def default_env_name(target: Any, params: Optional[dict] = None) -> str:
+    """An environment's name where its YAML sets none: the target's own `name` default, else
+    the class or function name in lower case."""
+    params = parameters(target)[0] if params is None else params
+    d = params.get("name")
+    return d.default if d is not None and not d.required else getattr(target, "__name__", "env").lower()
+
+
+def default_shaper_name(name: str, target: Optional[str]) -> str:
+    """A user's shaper (`shaper._target_`) is named after its function, not after the built-in
+    whose YAML it extends (`divisor`), unless its YAML names it otherwise."""
+    builtin = ("none", "bonus", "divisor")
+    return target.rsplit(".", 1)[-1].rsplit(":", 1)[-1] if target and name in builtin else name
+
+
 def env_settings(node: Any, coerce: Callable[[str, Any, Any], Any]) -> Any:
     """The validated `env` group: a dataclass with `_target_`, `name` and the target's own
     keys (typed by its annotations via `coerce(key, value, type)`), defaults filled in."""
@@ -115,8 +130,7 @@ def env_settings(node: Any, coerce: Callable[[str, Any, Any], Any]) -> Any:
             raise PluginError(f"env.{k}: unknown key; allowed keys in env ({path}): {', '.join(allowed)}")
     name = node.pop("name", None)
     if name is None:
-        d = params.get("name")
-        name = d.default if d is not None and not d.required else getattr(target, "__name__", "env").lower()
+        name = default_env_name(target, params)
     if not isinstance(name, str) or not name:
         raise PluginError(f"env.name={name!r}: expected a non-empty string")
     values: dict[str, Any] = {}

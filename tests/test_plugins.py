@@ -169,6 +169,51 @@ def test_a_users_shaper_and_clusterer_by_import_path(tmp_path, monkeypatch):
     assert error({"env": DICE, "shaper": {"name": "rarity"}}).startswith("shaper.name='rarity': must be one of")
 
 
+def test_a_users_shaper_is_named_after_its_function_and_a_wrong_signature_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "my_shaping2.py").write_text(textwrap.dedent('''
+        def halve(rewards, keys, groups):
+            return [r / 2 for r in rewards]
+
+        def a_reward(prompts, completions, **kwargs):
+            return [0.0] * len(completions)
+
+        def two_args(keys, completions):
+            return keys
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # a shaper YAML that extends divisor's (name: divisor) and only sets _target_
+    assert validate({"env": DICE, "shaper": {"name": "divisor", "_target_": "my_shaping2.halve"}}).shaper.name == "halve"
+    assert validate({"env": DICE, "shaper": {"name": "mine", "_target_": "my_shaping2.halve"}}).shaper.name == "mine"
+    assert error({"env": DICE, "shaper": {"_target_": "my_shaping2.a_reward"}}).startswith(
+        "shaper._target_='my_shaping2.a_reward': is not a function (rewards, keys, groups) -> shaped rewards")
+    assert error({"env": DICE, "shaper": {"cluster": "my_shaping2.two_args"}}).startswith(
+        "shaper.cluster='my_shaping2.two_args': is not a function (keys, completions, groups, threshold)")
+
+
+def test_a_users_env_without_a_name_and_a_refused_command_leaves_nothing(tmp_path):
+    """A user's env YAML with no `name:` used to break Hydra's output-dir interpolation (a
+    144-line traceback): it is named by its target now. And a refused command, given no
+    output_dir, leaves no directory behind."""
+    conf = tmp_path / "conf"
+    (conf / "env").mkdir(parents=True)
+    (conf / "shaper").mkdir()
+    (conf / "env" / "mine.yaml").write_text("_target_: envs.dice.DiceEnv\nfaces: 6\n")
+    (conf / "shaper" / "mine.yaml").write_text("defaults:\n  - divisor\n  - _self_\n_target_: my_shaping3.halve\n")
+    (tmp_path / "my_shaping3.py").write_text("def halve(rewards, keys, groups):\n    return [r / 2 for r in rewards]\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}"}
+    p = run_cli(["--config-dir", str(conf), "env=mine", "shaper=mine", *TINY_RUN, "train.steps=1",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"], cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (made,) = (tmp_path / "outputs").iterdir()
+    assert made.name.startswith("dice-halve-")  # the env's own default name, the shaper's function
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for bad in (["trainer.device=cuda"], ["shaper._target_=my_shaping3.nope"], ["algo.lr=-1"]):
+        p = run_cli([*TINY_RUN, *bad], cwd=fresh, env=env)
+        assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr[-2000:]
+        assert not any(fresh.iterdir()), (bad, list(fresh.rglob("*")))
+
+
 def test_any_algorithm_preset_name_is_a_label():
     assert validate({"env": DICE, "algo": {"name": "my_grpo", "clip_high": 0.28}}).algo.name == "my_grpo"
 
