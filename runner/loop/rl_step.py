@@ -56,9 +56,11 @@ class RLStep(StepKind):
 
     @staticmethod
     def log_completions(t, c, adv: torch.Tensor) -> None:
-        """Every tracking.samples_every steps: this step's rollouts into the completions table."""
+        """Every tracking.samples_every steps, and the last step (so a run shorter than that has
+        a table too): this step's rollouts into the completions table."""
         every = t.cfg.tracking.samples_every
-        if not every or t.step % every or not t.backend.is_main or t.tracker is None:
+        last = t.step == t.cfg.train.steps
+        if not every or (t.step % every and not last) or not t.backend.is_main or t.tracker is None:
             return
         path = completions.append(t.output_dir / completions.TABLE, t.step,
                                   completions.rows(t.step, c.batch, c.scores, c.shaped, adv.tolist()))

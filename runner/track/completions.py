@@ -1,4 +1,4 @@
-"""Completions over training: every `tracking.samples_every` steps, that step's rollouts become
+"""Completions over training: every `tracking.samples_every` steps and the last, that step's rollouts become
 rows of one table, `completions.json` in the output dir, in MLflow's table format (what
 `MlflowClient.log_table` writes: pandas' "split" JSON) and logged as the run's table artifact,
 so the UI's artifact view filters and compares them by step.
