@@ -172,7 +172,20 @@ def run_job(cfg: DictConfig, run_cfg, hc, output_dir: Path, resume: "outdir.Resu
         print(f"stopped by {trainer.stop_reason} at step {trainer.step}: checkpoint written, run marked KILLED; "
               f"the same command resumes it", file=sys.stderr)
         sys.exit(130)
-    return trainer.final_metrics.get(cfg.get("objective"), math.nan)
+    return objective_value(trainer.final_metrics, run_cfg.objective, hc.mode == RunMode.MULTIRUN)
+
+
+def objective_value(final: dict, objective: str, sweep: bool) -> float:
+    """The metric a sweeper ranks by; in a sweep, a run that has no such metric (the default
+    eval/prob/tv_uniform_valid exists only for environments with a fixed answer set) says so
+    in one line with the keys it has, instead of handing Optuna a silent NaN."""
+    if objective in final:
+        return final[objective]
+    if sweep:
+        have = sorted(k for k in final if k.startswith("eval/") and "/" not in k[5:])
+        print(f"warning: objective={objective}: this run logged no such metric, so the sweep gets NaN for it; "
+              f"set objective= one of {', '.join(have) or '(no eval/ metrics)'}", file=sys.stderr)
+    return math.nan
 
 
 def check_installed(run_cfg) -> None:

@@ -121,3 +121,17 @@ def test_sweep_files_compose(study, tmp_path):
     r = run_cli([*base, "--cfg", "job", "--resolve"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     validate(yaml.safe_load(r.stdout))
+
+
+def test_a_sweep_objective_the_run_did_not_log_is_named_not_silent(capsys):
+    import math
+
+    from runner.__main__ import objective_value
+
+    final = {"eval/accuracy": 0.5, "eval/pass_at_4": 0.7, "eval/game/solve_rate": 0.1, "train/loss": 1.0}
+    assert objective_value(final, "eval/accuracy", sweep=True) == 0.5
+    assert math.isnan(objective_value(final, "eval/prob/tv_uniform_valid", sweep=True))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: objective=eval/prob/tv_uniform_valid: this run logged no such metric")
+    assert "eval/accuracy, eval/pass_at_4" in err and "solve_rate" not in err
+    assert math.isnan(objective_value(final, "nope", sweep=False)) and not capsys.readouterr().err
