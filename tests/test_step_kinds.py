@@ -126,3 +126,13 @@ def test_the_supervised_kind_refreshes_the_rollout_copy_only_for_an_evaluation(t
     rl.step += 1
     rl.train_step()
     assert not rl.rollout_stale and _copy_matches(rl)
+
+
+def test_the_progress_bar_shows_the_environments_success_rate_where_it_has_one():
+    from runner.loop.rl_step import RLStep
+
+    dice = {"reward/raw_mean": 0.9, "answers/entropy": 1.2, "answers/valid_rate": 0.95}
+    assert RLStep.progress(None, dice) == {"reward": "0.90", "H": "1.20", "valid": "0.95"}
+    # env=dataset: "valid" was the share of parsed numbers while the correctness reward stayed 0
+    judged = {**dice, "reward/accuracy": 0.0}
+    assert RLStep.progress(None, judged) == {"reward": "0.90", "H": "1.20", "acc": "0.00"}

@@ -67,5 +67,11 @@ class RLStep(StepKind):
         t.tracker.log_artifact(path)
 
     def progress(self, m: dict[str, float]) -> dict[str, str]:
-        return {"reward": f"{m['reward/raw_mean']:.2f}", "H": f"{m.get('answers/entropy', 0.0):.2f}",
-                "valid": f"{m['answers/valid_rate']:.2f}"}
+        """reward, answer entropy, and the environment's own success rate where it judges right
+        and wrong (math, Wordle, datasets: `acc`), else the share of parsed answers (`valid`)."""
+        out = {"reward": f"{m['reward/raw_mean']:.2f}", "H": f"{m.get('answers/entropy', 0.0):.2f}"}
+        if "reward/accuracy" in m:
+            out["acc"] = f"{m['reward/accuracy']:.2f}"
+        else:
+            out["valid"] = f"{m['answers/valid_rate']:.2f}"
+        return out
