@@ -5,7 +5,10 @@ token budget, a signal) comes through here and must leave the same things behind
 
 from __future__ import annotations
 
+import logging
 import sys
+
+log = logging.getLogger("runner")
 
 # stop reasons of a run that ended as configured (MLflow status FINISHED, exit code 0)
 FINISHED_REASONS = ("completed", "budget", "token_budget")
@@ -29,6 +32,10 @@ def finish(trainer, reason: str) -> None:
     due = (trainer.evaluator.last_step != trainer.step and (trainer.step > 0 or t.steps == 0)
            and trainer.backend.is_main)
     if due and reason in FINISHED_REASONS and (reason != "budget" or eval_fits):
+        env = trainer.env
+        what = (f"{len(env.eval_prompts())} held-out prompts x env.eval_k={env.eval_k}" if hasattr(env, "eval_prompts")
+                else f"{final_n} samples (train.final_eval_samples; lower it for quick looks)")
+        log.info("final evaluation: %s", what)  # the bar has closed: say what the wait is
         m = trainer.evaluate(samples=final_n)
         trainer.tracker.log_metrics(m, trainer.step)
         trainer.final_metrics.update(m)
