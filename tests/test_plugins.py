@@ -204,7 +204,7 @@ def test_a_users_env_without_a_name_and_a_refused_command_leaves_nothing(tmp_pat
     p = run_cli(["--config-dir", str(conf), "env=mine", "shaper=mine", *TINY_RUN, "train.steps=1",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"], cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "final evaluation: 960 samples (train.final_eval_samples" in p.stderr  # said while the bar is gone
+    assert "final evaluation: 960 samples (train.final_eval_samples" in p.stdout + p.stderr  # the bar has gone
     (made,) = (tmp_path / "outputs").iterdir()
     assert made.name.startswith("dice-halve-")  # the env's own default name, the shaper's function
     fresh = tmp_path / "fresh"
