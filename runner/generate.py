@@ -102,15 +102,16 @@ class GenerateConfig:
 
 # -- the request: parsed and checked before anything loads ----------------------------------
 
-def split_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], Optional[str]]:
-    """(the main job's overrides, the generate keys as {key: value}, --config-dir). Values are
+def split_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], Optional[str], str]:
+    """(the main job's overrides, the generate keys as {key: value}, --config-dir,
+    --config-name: a recipe's stage gets the command's own, e.g. a sweep file's). Values are
     read with Hydra's own override grammar, so `generate.k=4` is 4 and `=null` None."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     overrides: list[str] = []
     node: dict[str, Any] = {}
-    config_dir = None
+    config_dir, config_name = None, "config"
     args = list(argv)
     parser = None
     i = 0
@@ -123,6 +124,14 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], Optional
             continue
         if a.startswith("--config-dir="):
             config_dir, i = a.split("=", 1)[1], i + 1
+            continue
+        if a in ("--config-name", "-cn"):
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a}: give a config name")
+            config_name, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--config-name="):
+            config_name, i = a.split("=", 1)[1], i + 1
             continue
         i += 1
         if not a.lstrip("+").startswith("generate.") and a.lstrip("+").split("=", 1)[0] != "generate":
@@ -138,7 +147,7 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], Optional
         if o.key_or_group == "generate" or o.is_delete() or not o.value_type:
             raise ConfigError(f"{a}: give one key at a time, generate.key=value")
         node[key] = o.value()
-    return overrides, node, config_dir
+    return overrides, node, config_dir, config_name
 
 
 def parse_generate(node: dict[str, Any]) -> GenerateConfig:
@@ -370,7 +379,7 @@ def generate(cfg, gen: GenerateConfig, command: Optional[str] = None) -> dict[st
     return {**prov, "status": "generated", "summary": summary(prov, prov_path)}
 
 
-def compose(overrides: list[str], config_dir: Optional[str] = None):
+def compose(overrides: list[str], config_dir: Optional[str] = None, config_name: str = "config"):
     """The validated RunConfig these overrides give `python -m runner` (runner.show_config's
     route); a Hydra composition error is one line."""
     from hydra import compose as hydra_compose
@@ -382,10 +391,13 @@ def compose(overrides: list[str], config_dir: Optional[str] = None):
     from runner.plugins import register_entry_points
 
     register_entry_points()
-    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    primary, extra = CONF, [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    if config_name != "config" and config_dir:  # the command's own primary config (a sweep file, say),
+        # with conf/ searched for the rest, as `python -m runner --config-dir D --config-name N` has it
+        primary, extra = Path(config_dir).resolve(), [f"hydra.searchpath=[file://{CONF}]"]
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=[*overrides, *extra])
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=[*overrides, *extra])
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
     return validate(cfg)
@@ -400,10 +412,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__doc__)
         return 0
     try:
-        overrides, node, config_dir = split_args(args)
+        overrides, node, config_dir, config_name = split_args(args)
         gen = parse_generate(node)
         check_generate(gen)  # before composing: the cheapest refusals first
-        result = generate(compose(overrides, config_dir), gen,
+        result = generate(compose(overrides, config_dir, config_name), gen,
                           command=shlex.join([Path(sys.executable).name, "-m", "runner.generate", *args]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -252,3 +252,16 @@ def test_the_command_line(tmp_path):
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert len(c.search_runs([c.get_experiment_by_name("runner").experiment_id])) == 1
+
+
+def test_the_commands_own_primary_config_is_composed(tmp_path, store):
+    """A recipe run from a sweep file (`--config-dir sweeps --config-name NAME`) hands both to
+    its generate stage: NAME is the primary config, conf/ is searched for the rest."""
+    (tmp_path / "my_study.yaml").write_text("defaults:\n  - config\n  - _self_\nseed: 3\nenv:\n  eval_size: 8\n")
+    overrides, node, config_dir, config_name = g.split_args(
+        ["--config-dir", str(tmp_path), "--config-name", "my_study", "env=wordle", "generate.n=2"])
+    assert (config_dir, config_name, node) == (str(tmp_path), "my_study", {"n": 2})
+    cfg = g.compose(["model=tiny", f"tracking.uri={store}", *overrides], config_dir, config_name)
+    assert cfg.seed == 3 and cfg.env.eval_size == 8 and cfg.env.name == "wordle"
+    with pytest.raises(g.ConfigError):
+        g.split_args(["--config-name"])
