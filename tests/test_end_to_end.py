@@ -80,6 +80,8 @@ def test_run_logs_config_metrics_and_artifacts(trained):
         a.path for a in c.list_artifacts(run.info.run_id, "config")}
     assert {"answer_distribution.png", "samples.md", "config/config.yaml"} <= arts
     assert "final policy after 3 steps" in r.stdout and "MLflow:" in r.stdout
+    # dice faces are single tokens: exact probabilities shown, and what "invalid" holds is said
+    assert "P(first token)" in r.stdout and "invalid: no answer of env.answer_space (1, 2, 3, 4, 5, 6)" in r.stdout
 
 
 def test_checkpoint_resumes_into_the_same_run(trained):

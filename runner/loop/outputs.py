@@ -7,6 +7,8 @@ from io import StringIO
 from pathlib import Path
 from typing import Any, Optional
 
+from envs import INVALID
+
 
 def log_artifacts(tracker, output_dir: Path, cfg, env, history, last_eval: Optional[dict[str, Any]]) -> None:
     from runner.track.plots import distribution_over_steps
@@ -47,14 +49,20 @@ def summary(trainer) -> str:
             if k.startswith("eval/") and k != "eval/reward_errors":
                 t.add_row(k[5:], f"{v:.3f}")
     else:
+        exact = bool(ev["probs"])
         t.add_column("answer")
         t.add_column(f"sampled (n={ev.get('samples', cfg.train.eval_samples)}, T=1)", justify="right")
-        t.add_column("P(first token)", justify="right")
+        if exact:
+            t.add_column("P(first token)", justify="right")
         t.add_column("ideal", justify="right")
         for k, v in ev["dist"].items():
             ideal = 1 / len(valid) if k in valid else 0.0
             p = ev["probs"].get(k)
-            t.add_row(k, f"{v:.3f}", "" if p is None else f"{p:.3f}", f"{ideal:.3f}")
+            probs = [("" if p is None else f"{p:.3f}")] if exact else []
+            t.add_row(k, f"{v:.3f}", *probs, f"{ideal:.3f}")
+        t.caption = (f"{INVALID}: no answer of env.answer_space ({', '.join(env.answer_space)}) read "
+                     "(unparsed, or another answer)" + ("" if exact else "; exact P(first token) needs every "
+                                                          "answer to be one token, and some of these are not"))
     from rich.console import Console
 
     buf = StringIO()
