@@ -19,6 +19,8 @@ and may have:
   evaluation (accuracy, pass@k, maj@k);
 - `new_game(prompt)`, `score_game(game)`, `game_metrics(games, prefix)`: multi-turn episodes
   (envs/wordle.py is the example);
+- `reference(prompt)`: the right answer as text, where the environment knows one (shown in
+  samples.md beside the model's);
 - `metrics(scores, prefix)`: extra metrics of its own over a batch's Scores;
 - `demonstrations(n, seed)`: n expert examples (`Demonstration`) for supervised warm starts
   (the SFT stage, the data-generation stage): for dice a target answer distribution, for

@@ -120,6 +120,11 @@ class DatasetEnv:
         self.splits = {"train": (rows, train), "eval": heldout}
 
     # -- prompts ---------------------------------------------------------------------------
+    def reference(self, prompt: Prompt) -> Optional[str]:
+        """The row's `answer` column, where it has one (samples.md shows it beside the model's)."""
+        value = self.row(prompt).get("answer")
+        return None if value is None else str(value)
+
     def row(self, prompt: Prompt) -> dict:
         split, i = prompt.key
         rows, order = self.splits[split]

@@ -197,6 +197,10 @@ class MathEnv:
         each with the generator's answer (`demonstration`)."""
         return [self.demonstration(i) for i in islice(shuffled_cycle(len(self.train), random.Random(seed)), n)]
 
+    def reference(self, prompt: Prompt) -> str:
+        """The generator's answer (samples.md shows it beside the model's)."""
+        return str(self.entry(prompt)["answer"])
+
     def entry(self, prompt: Prompt) -> dict:
         split, i = prompt.key
         return (self.train if split == "train" else self.eval)[i]

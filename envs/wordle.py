@@ -314,6 +314,10 @@ class WordleEnv:
     def eval_prompts(self) -> list[Prompt]:
         return [self._prompt("eval", i) for i in range(len(self.eval_secrets))]
 
+    def reference(self, prompt: Prompt) -> str:
+        """The secret (samples.md shows it beside the game)."""
+        return self.secret(prompt)
+
     def secret(self, prompt: Prompt) -> str:
         split, i = prompt.key
         return (self.train_secrets if split == "train" else self.eval_secrets)[i]

@@ -172,6 +172,11 @@ def test_environment_runs_on_the_tiny_model(tmp_path, env_args):
     assert "eval/accuracy" in m and "eval/pass_at_2" in m and "eval/maj_at_2" in m and "groups/clusters_mean" in m
     if "env=wordle" in env_args:
         assert "game/solve_rate" in m and "eval/game/opening_entropy" in m and "policy/entropy_turn1" in m
+    # samples.md: each held-out sample with its prompt and the right answer beside the model's
+    lines = (tmp_path / "o" / "artifacts" / "samples.md").read_text().splitlines()
+    assert lines[0] == "| # | prompt | completion | answer | reference | reward |" and len(lines) == 2 + 4
+    refs = [line.split(" | ")[4] for line in lines[2:]]
+    assert all(refs) and (all(len(r) == 5 and r.isalpha() for r in refs) if "env=wordle" in env_args else True)
 
 
 def test_multiturn_forward_matches_the_full_forward_on_model_tokens(tiny):

@@ -10,6 +10,11 @@ from typing import Any, Optional
 from envs import INVALID
 
 
+def _cell(x: Any) -> str:
+    """Text as one markdown table cell."""
+    return str(x).replace("|", "\\|").replace("\n", "\\n")
+
+
 def log_artifacts(tracker, output_dir: Path, cfg, env, history, last_eval: Optional[dict[str, Any]]) -> None:
     from runner.track.plots import distribution_over_steps
 
@@ -23,12 +28,17 @@ def log_artifacts(tracker, output_dir: Path, cfg, env, history, last_eval: Optio
     if (output_dir / "reward_errors.jsonl").exists():
         tracker.log_artifact(output_dir / "reward_errors.jsonl")
     if last_eval:
-        rows = ["| # | completion | answer | reward |", "|---|---|---|---|"]
-        for i, (c, s) in enumerate(zip(last_eval["completions"], last_eval["scores"])):
+        from runner.track.completions import prompt_text
+
+        reference = getattr(env, "reference", None)  # optional: the right answer, where the env knows one
+        prompts = last_eval.get("prompts") or [last_eval["prompt"]] * len(last_eval["completions"])
+        rows = ["| # | prompt | completion | answer | reference | reward |", "|---|---|---|---|---|---|"]
+        for i, (p, c, s) in enumerate(zip(prompts, last_eval["completions"], last_eval["scores"])):
             if i >= cfg.train.sample_table_rows:
                 break
-            text = (last_eval["prompt"].assistant_prefix + c).replace("|", "\\|").replace("\n", "\\n")
-            rows.append(f"| {i} | `{text}` | {s.answer_key} | {s.reward:g} |")
+            ref = reference(p) if reference else None
+            rows.append(f"| {i} | {_cell(prompt_text(p))} | `{_cell(p.assistant_prefix + c)}` | {s.answer_key} | "
+                        f"{'' if ref is None else _cell(ref)} | {s.reward:g} |")
         (art / "samples.md").write_text("\n".join(rows) + "\n")
         tracker.log_artifact(art / "samples.md")
 
