@@ -1,6 +1,7 @@
 """`python -m runner` on the tiny model, read back through MlflowClient."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def test_run_logs_config_metrics_and_artifacts(trained):
     assert "final policy after 3 steps" in r.stdout and "MLflow:" in r.stdout
     # dice faces are single tokens: exact probabilities shown, and what "invalid" holds is said
     assert "P(first token)" in r.stdout and "invalid: no answer of env.answer_space (1, 2, 3, 4, 5, 6)" in r.stdout
+    assert re.search(r"on disk: \d+\.\d\d GB, \d+\.\d\d GB of it checkpoints \(train.keep_final_checkpoint=false", r.stdout)
 
 
 def test_checkpoint_resumes_into_the_same_run(trained):
