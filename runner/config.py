@@ -129,7 +129,7 @@ class AlgoConfig:
     loss_agg: str = "seq-mean-token-mean"
     # The loss's log-probs (ratio, entropy, KL) are of softmax(logits / loss_temperature):
     # 1.0 learns the model itself; ${rollout.temperature} follows the sampler (TRL, verl).
-    loss_temperature: float = 1.0
+    loss_temperature: float = 1.0  # conf/algo/grpo.yaml: ${rollout.temperature}, the sampler's (TRL, verl)
     # Rollouts sampled by other weights than the training forward (a bfloat16 copy, vLLM): each
     # token's policy gradient is weighted by min(p_train / p_sampler, is_cap) (truncated importance
     # sampling, as TRL does for vLLM); null: no correction. Identical weights: never applied.

@@ -135,3 +135,18 @@ def test_a_sweep_objective_the_run_did_not_log_is_named_not_silent(capsys):
     assert err.startswith("warning: objective=eval/prob/tv_uniform_valid: this run logged no such metric")
     assert "eval/accuracy, eval/pass_at_4" in err and "solve_rate" not in err
     assert math.isnan(objective_value(final, "nope", sweep=False)) and not capsys.readouterr().err
+
+
+def test_the_loss_follows_the_sampling_temperature_by_default_and_sft_does_not():
+    """TRL's and verl's convention: the loss's log-probs are of the tempered distribution the
+    rollouts came from; SFT learns the examples' likelihood under the model itself."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import validate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        assert validate(compose("config", overrides=["rollout.temperature=0.7"])).algo.loss_temperature == 0.7
+        assert validate(compose("config", overrides=["algo=dapo", "rollout.temperature=1.3"])).algo.loss_temperature == 1.3
+        assert validate(compose("config", overrides=["algo=sft", "rollout.temperature=0.7"])).algo.loss_temperature == 1.0
+        assert validate(compose("config", overrides=["rollout.temperature=0.7", "algo.loss_temperature=1.0"])
+                        ).algo.loss_temperature == 1.0
