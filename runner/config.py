@@ -649,6 +649,12 @@ def _check_nan(key: str, value: Any) -> None:
 
 
 def _check_ranges(c: RunConfig) -> None:
+    # first: algo.loss_temperature follows it by default, and a bad temperature must be
+    # refused under the key the user typed
+    _check_finite(c.rollout, "rollout")
+    _check(c.rollout.temperature >= MIN_TEMPERATURE, "rollout.temperature", c.rollout.temperature,
+           f"must be a finite number >= {MIN_TEMPERATURE} (vLLM's own floor, against NaN/inf in half-precision "
+           f"logits; colder sampling is near-greedy: a group's rollouts come out identical and carry no signal)")
     _check_finite(c)
     if c.env is not None and dataclasses.is_dataclass(c.env):
         for f in dataclasses.fields(c.env):
@@ -682,7 +688,8 @@ def _check_ranges(c: RunConfig) -> None:
     _one_of("algo.loss_agg", a.loss_agg)
     _check(isinstance(a.loss_temperature, (int, float)) and 0.05 <= a.loss_temperature <= 20,
            "algo.loss_temperature", a.loss_temperature,
-           "must be a number in [0.05, 20] (1: the model's own log-probs; ${rollout.temperature}: the sampler's)")
+           "must be a number in [0.05, 20] (1: the model's own log-probs; ${rollout.temperature}, the default: "
+           "the sampler's, so a colder rollout.temperature needs algo.loss_temperature set)")
     _check(a.is_cap is None or (isinstance(a.is_cap, (int, float)) and a.is_cap >= 1), "algo.is_cap", a.is_cap,
            "must be a number >= 1 (the largest importance weight a token gets) or null (no correction)")
     _check(0 < a.top_entropy_quantile <= 1, "algo.top_entropy_quantile", a.top_entropy_quantile,
@@ -744,9 +751,6 @@ def _check_ranges(c: RunConfig) -> None:
                "may be null only with rollout.fr3e.percentile set")
         _check(c.trainer.name != "deepspeed" or c.trainer.group_placement == "local", "trainer.group_placement",
                c.trainer.group_placement, "must be local with rollout.strategy=fr3e (anchor groups live on one rank)")
-    _check(r.temperature >= MIN_TEMPERATURE, "rollout.temperature", r.temperature,
-           f"must be a finite number >= {MIN_TEMPERATURE} (vLLM's own floor, against NaN/inf in half-precision "
-           f"logits; colder sampling is near-greedy: a group's rollouts come out identical and carry no signal)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _one_of("rollout.engine", r.engine)
