@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -143,10 +142,11 @@ def test_estimate_only_prices_every_stage_and_the_total(tmp_path):
     assert not (out / "0-base").exists() and not (tmp_path / "mlruns.db").exists()  # nothing trained or logged
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
-def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path, launcher):
-    """Sequential jobs, and two jobs at once that reach the shared first stage together: one
-    runs it, the other waits for it (it was refused as a second process on the stage's dir)."""
+def test_a_sweep_over_the_rl_seed_shares_the_stages_before_it(tmp_path):
+    """Two jobs at once that reach the shared first stage together: one runs it, the other
+    waits for it (it was refused as a second process on the stage's dir), then each runs its
+    own RL stage. (Sequential jobs share the same way: the second finds the stages finished.)"""
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     conf = recipe(tmp_path, "shared", f"  - {{name: base, kind: eval}}\n  - {{name: sft, kind: sft, overrides: {SFT}}}\n"
                                       f"  - {{name: rl, kind: rl, overrides: [train.steps=2, algo.group_size=6]}}")
     sweep = tmp_path / "sweep"
