@@ -26,3 +26,17 @@ def test_tv_to_uniform_over_valid():
     assert tv_to_uniform(collapsed, valid) == pytest.approx(2 / 3)
     all_invalid = answer_distribution(["1", "3"], SPACE)
     assert tv_to_uniform(all_invalid, valid) == pytest.approx(1.0)
+
+
+def test_answers_outside_the_space_are_told_apart_from_no_answer():
+    """`invalid` holds both; answers/other_rate is the share that did answer, outside the space."""
+    from types import SimpleNamespace
+
+    from envs import INVALID
+    from runner.loop.evaluator import Evaluator
+
+    env = SimpleNamespace(answer_space=[*"123456"], valid_answers=[*"246"])
+    ev = Evaluator.__new__(Evaluator)
+    ev.env = env
+    m = ev.answer_metrics(["2", "7", INVALID, "4", "10"], "answers")
+    assert m["answers/frac/invalid"] == pytest.approx(3 / 5) and m["answers/other_rate"] == pytest.approx(2 / 5)

@@ -14,6 +14,12 @@ from runner.track.metrics import answer_distribution, entropy, mean, pass_at_k, 
 from runner.rollout.hf import render
 
 
+def other_rate(keys: list[str], space) -> float:
+    """The share of answers that were read but are not in the answer space: part of the
+    `invalid` bucket, told apart from completions with no answer at all."""
+    return sum(k != INVALID and k not in space for k in keys) / max(len(keys), 1)
+
+
 class Evaluator:
     """`evaluate` samples `train.eval_samples` completions of the environment's prompt (or
     `eval_k` of each held-out prompt where the environment has a held-out set); the last
@@ -29,6 +35,9 @@ class Evaluator:
         self.last_step = -1
 
     # -- answer distributions --------------------------------------------------------------
+    def other_share(self, keys: list[str]) -> float:
+        return other_rate(keys, self.env.answer_space) if self.env.answer_space else 0.0
+
     def answer_dist(self, keys: list[str]) -> dict[str, float]:
         space = self.env.answer_space or sorted(set(keys) - {INVALID})
         return answer_distribution(keys, space)
@@ -39,6 +48,8 @@ class Evaluator:
         m = {f"{prefix}/frac/{k}": v for k, v in dist.items()}
         m[f"{prefix}/entropy"] = entropy(dist)
         m[f"{prefix}/valid_rate"] = sum(dist.get(k, 0.0) for k in valid)
+        if self.env.answer_space:  # inside `invalid`: answers read but outside the space ("7" on a die)
+            m[f"{prefix}/other_rate"] = other_rate(keys, self.env.answer_space)
         if valid:
             m[f"{prefix}/tv_uniform_valid"] = tv_to_uniform(dist, valid)
         return m
@@ -133,7 +144,7 @@ class Evaluator:
             m["eval/prob/answer_mass"] = sum(probs.values())
             if env.valid_answers:
                 m["eval/prob/tv_uniform_valid"] = tv_to_uniform(dist, env.valid_answers)
-        self.last = {"dist": self.answer_dist(keys), "probs": probs, "scores": scores,
+        self.last = {"dist": self.answer_dist(keys), "other": self.other_share(keys), "probs": probs, "scores": scores,
                      "completions": batch.completions, "prompt": prompt, "step": step, "samples": n}
         return m
 

@@ -85,8 +85,10 @@ def summary(trainer) -> str:
             p = ev["probs"].get(k)
             probs = [("" if p is None else f"{p:.3f}")] if exact else []
             t.add_row(k, f"{v:.3f}", *probs, f"{ideal:.3f}")
+            if k == INVALID and ev.get("other"):
+                t.add_row("  of it: answers outside the space", f"{ev['other']:.3f}", *([""] if exact else []), "")
         t.caption = (f"{INVALID}: no answer of env.answer_space ({', '.join(env.answer_space)}) read "
-                     "(unparsed, or another answer)" + ("" if exact else "; exact P(first token) needs every "
+                     "(no answer at all, or one outside the space; answers/other_rate is the latter)" + ("" if exact else "; exact P(first token) needs every "
                                                           "answer to be one token, and some of these are not"))
     from rich.console import Console
 
