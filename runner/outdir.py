@@ -114,7 +114,12 @@ def discard_if_unused(output_dir: Path) -> None:
                 (output_dir / name).unlink(missing_ok=True)
     else:
         (output_dir / "runner.log").unlink(missing_ok=True)
-    for d in (output_dir, output_dir.parent):  # and `outputs/` if this dir was all it held
+    # and the default `./outputs/` if this dir was all it held; never any other parent (the
+    # user's own directories, the working directory itself)
+    default_parent = Path.cwd() / "outputs"
+    for d in (output_dir, output_dir.parent):
+        if d == output_dir.parent and d != default_parent:
+            break
         try:
             d.rmdir()
         except OSError:
