@@ -116,14 +116,12 @@ def discard_if_unused(output_dir: Path) -> None:
         (output_dir / "runner.log").unlink(missing_ok=True)
     # and the default `./outputs/` if this dir was all it held; never any other parent (the
     # user's own directories, the working directory itself)
-    default_parent = Path.cwd() / "outputs"
-    for d in (output_dir, output_dir.parent):
-        if d == output_dir.parent and d != default_parent:
-            break
-        try:
-            d.rmdir()
-        except OSError:
-            break
+    try:
+        output_dir.rmdir()
+        if output_dir.parent == Path.cwd() / "outputs":
+            output_dir.parent.rmdir()
+    except OSError:
+        pass
 
 
 # -- the record ---------------------------------------------------------------------------

@@ -35,8 +35,6 @@ class Evaluator:
         self.last_step = -1
 
     # -- answer distributions --------------------------------------------------------------
-    def other_share(self, keys: list[str]) -> float:
-        return other_rate(keys, self.env.answer_space) if self.env.answer_space else 0.0
 
     def answer_dist(self, keys: list[str]) -> dict[str, float]:
         space = self.env.answer_space or sorted(set(keys) - {INVALID})
@@ -144,7 +142,8 @@ class Evaluator:
             m["eval/prob/answer_mass"] = sum(probs.values())
             if env.valid_answers:
                 m["eval/prob/tv_uniform_valid"] = tv_to_uniform(dist, env.valid_answers)
-        self.last = {"dist": self.answer_dist(keys), "other": self.other_share(keys), "probs": probs, "scores": scores,
+        self.last = {"dist": self.answer_dist(keys), "other": m.get("eval/answers/other_rate", 0.0),
+                     "probs": probs, "scores": scores,
                      "completions": batch.completions, "prompt": prompt, "step": step, "samples": n}
         return m
 
