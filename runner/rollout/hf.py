@@ -298,7 +298,8 @@ class HFRollout:
         return tokens.clone(), logps.clone()
 
     def _sample_steps(self, model, prompt_ids, prompt_attn, group_size, eos, pad_id,
-                      temperature, fused: bool = False, past: Optional["Prefix"] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature, fused: bool = False,
+                      past: Optional["Prefix"] = None) -> tuple[torch.Tensor, torch.Tensor]:
         steps = (_FusedSteps(model, prompt_ids, prompt_attn, group_size, self.max_new_tokens) if fused
                  else _EagerSteps(model, prompt_ids, prompt_attn, group_size, past))
         logits = steps.first  # after each prompt's last token, one row per rollout
